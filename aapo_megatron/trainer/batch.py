@@ -1,0 +1,140 @@
+"""One step's sampled sequences and their packing into fixed-shape micro-batches.
+
+A `RolloutBatch` holds the B*G policy samples of a step in group-major order:
+prompt tokens, completion tokens (cut after the first EOS), one advantage per
+sample, and optionally per-token log-probs from the rollout engine (for the
+clipped-ratio loss and the mismatch metric) and from the reference model (KL).
+
+`make_micro_batches` turns a slice of it into micro-batches of identical shape
+[b, S] (Megatron's pipeline schedule sends fixed-shape activations between
+stages), right-padded, with targets shifted by one and a loss mask that is 1
+exactly on the positions whose target is a completion token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """B*G samples of one RL step, group-major (sample i belongs to prompt i // G)."""
+
+    prompt_ids: list[list[int]]
+    """Prompt tokens per sample."""
+    completion_ids: list[list[int]]
+    """Completion tokens per sample, up to and including the first EOS."""
+    advantages: torch.Tensor
+    """[B*G] float32 advantage per sample (SFT: all ones)."""
+    rollout_logprobs: Optional[list[list[float]]] = None
+    """Per completion token, log-prob under the rollout engine at sampling time."""
+    ref_logprobs: Optional[list[list[float]]] = None
+    """Per completion token, log-prob under the reference model (KL penalty)."""
+    extras: dict = field(default_factory=dict)
+    """Anything else to carry along (rewards, prompt ids) for metrics."""
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids)
+        if len(self.completion_ids) != n or self.advantages.shape != (n,):
+            raise ValueError(
+                f"RolloutBatch: {n} prompts, {len(self.completion_ids)} completions, advantages {tuple(self.advantages.shape)}"
+            )
+        for name in ("rollout_logprobs", "ref_logprobs"):
+            lps = getattr(self, name)
+            if lps is not None:
+                bad = [i for i, (lp, c) in enumerate(zip(lps, self.completion_ids)) if len(lp) != len(c)]
+                if len(lps) != n or bad:
+                    raise ValueError(f"RolloutBatch.{name}: lengths differ from completions at samples {bad[:5]}")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def num_completion_tokens(self, indices: Optional[range] = None) -> int:
+        """Total completion tokens (the loss denominator) over `indices` (all by default)."""
+        idx = range(len(self)) if indices is None else indices
+        return sum(len(self.completion_ids[i]) for i in idx)
+
+    def max_seq_len(self) -> int:
+        """Longest prompt + completion, tokens."""
+        return max(len(p) + len(c) for p, c in zip(self.prompt_ids, self.completion_ids))
+
+
+@dataclass
+class MicroBatch:
+    """Fixed-shape model inputs and loss targets; padded rows and positions have loss_mask 0."""
+
+    tokens: torch.Tensor
+    """[b, S] int64 input ids (0 where padded)."""
+    position_ids: torch.Tensor
+    """[b, S] int64."""
+    targets: torch.Tensor
+    """[b, S] int64: tokens shifted left by one (the token predicted at each position)."""
+    loss_mask: torch.Tensor
+    """[b, S] float32: 1 where the target is a completion token."""
+    advantages: torch.Tensor
+    """[b, S] float32: the sample's advantage on each position."""
+    rollout_logprobs: Optional[torch.Tensor]
+    """[b, S] float32 log-prob of the target under the rollout engine (0 where masked), or None."""
+    ref_logprobs: Optional[torch.Tensor]
+    """[b, S] float32 log-prob of the target under the reference model, or None."""
+    sample_index: torch.Tensor
+    """[b] int64 index into the RolloutBatch, -1 for padding rows."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens in this micro-batch."""
+        return int(self.loss_mask.sum().item())
+
+
+def micro_batch_shape(batch: RolloutBatch, token_budget: int, multiple_of: int = 8) -> tuple[int, int]:
+    """(rows b, length S) of every micro-batch: S = longest sequence rounded up, b = token_budget // S (>= 1)."""
+    seq = batch.max_seq_len()
+    seq = ((seq + multiple_of - 1) // multiple_of) * multiple_of
+    return max(1, token_budget // seq), seq
+
+
+def make_micro_batches(batch: RolloutBatch, indices: range, rows: int, seq_len: int) -> list[MicroBatch]:
+    """Pack samples `indices` of `batch` into ceil(len/rows) micro-batches of shape [rows, seq_len]."""
+    out = []
+    idx = list(indices)
+    for start in range(0, len(idx), rows):
+        chunk = idx[start : start + rows]
+        tokens = torch.zeros(rows, seq_len, dtype=torch.long)
+        targets = torch.zeros(rows, seq_len, dtype=torch.long)
+        loss_mask = torch.zeros(rows, seq_len, dtype=torch.float32)
+        adv = torch.zeros(rows, seq_len, dtype=torch.float32)
+        old_lp = torch.zeros(rows, seq_len) if batch.rollout_logprobs is not None else None
+        ref_lp = torch.zeros(rows, seq_len) if batch.ref_logprobs is not None else None
+        sample_index = torch.full((rows,), -1, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            p, c = batch.prompt_ids[i], batch.completion_ids[i]
+            n_p, n_c = len(p), len(c)
+            if n_p + n_c > seq_len:
+                raise ValueError(f"sample {i}: {n_p + n_c} tokens exceed the micro-batch length {seq_len}")
+            if n_p == 0:
+                raise ValueError(f"sample {i}: empty prompt (at least one token is needed to predict the first completion token)")
+            seq = torch.tensor(p + c, dtype=torch.long)
+            tokens[row, : n_p + n_c] = seq
+            targets[row, : n_p + n_c - 1] = seq[1:]
+            # Position t predicts token t+1; completion token j sits at n_p + j, predicted from n_p + j - 1.
+            span = slice(n_p - 1, n_p - 1 + n_c)
+            loss_mask[row, span] = 1.0
+            adv[row, span] = float(batch.advantages[i])
+            if old_lp is not None:
+                old_lp[row, span] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+            if ref_lp is not None:
+                ref_lp[row, span] = torch.tensor(batch.ref_logprobs[i], dtype=torch.float32)
+            sample_index[row] = i
+        position_ids = torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(rows, -1).contiguous()
+        out.append(MicroBatch(tokens, position_ids, targets, loss_mask, adv, old_lp, ref_lp, sample_index))
+    return out
+
+
+def shard_indices(num_samples: int, rank: int, world: int) -> range:
+    """Contiguous slice of [0, num_samples) owned by data-parallel `rank` of `world` (sizes differ by <= 1)."""
+    base, extra = divmod(num_samples, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

@@ -1,0 +1,234 @@
+"""CPU shims that let Megatron-Core run on a machine without CUDA (gloo backend).
+
+Megatron-Core 0.16 assumes a GPU in a handful of places: it asks for the current
+CUDA device, reads/writes the CUDA RNG state, synchronises streams, and creates
+small bookkeeping tensors with a hard-coded ``device="cuda"``. `install_cpu_shims()`
+patches exactly those places so the same Megatron code paths run on CPU over gloo:
+
+    from aapo_megatron.models.compat.cpu import install_cpu_shims
+    install_cpu_shims()          # idempotent; a no-op when CUDA is available
+
+Every shim below names the Megatron code it works around (DESIGN.md section 4).
+Nothing here changes numerics: tensors simply stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import types
+from typing import Any, Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_INSTALLED = False
+
+# Megatron modules that create tensors with a hard-coded `device="cuda"` (or
+# `device=torch.cuda.current_device()`) through their module-level `torch` name.
+# Each gets a `torch` proxy (see `CpuTorchProxy`) in place of the real module.
+PROXIED_MODULES: tuple[str, ...] = (
+    # schedules.py: `total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")` in every schedule.
+    "megatron.core.pipeline_parallel.schedules",
+    # optimizer.py: FP32Optimizer's `self._scale = torch.tensor([1.0], ..., device='cuda')`, found_inf, etc.
+    "megatron.core.optimizer.optimizer",
+    # clip_grads.py: `total_norm_cuda = torch.tensor(..., device='cuda')`, dummy overflow buffers.
+    "megatron.core.optimizer.clip_grads",
+    # distrib_optimizer.py: buffers created on `torch.cuda.current_device()`.
+    "megatron.core.optimizer.distrib_optimizer",
+    # param_and_grad_buffer.py: `torch.zeros([1], device="cuda")` warm-up tensor and the grad buffers.
+    "megatron.core.distributed.param_and_grad_buffer",
+    # utils.py: `local_multi_tensor_l2_norm` returns `torch.tensor(..., device="cuda")`.
+    "megatron.core.utils",
+    # language_module.py: loss / embedding helpers allocate on cuda.
+    "megatron.core.models.common.language_module.language_module",
+    # tensor_parallel/data.py: `broadcast_data` sizes tensor on cuda.
+    "megatron.core.tensor_parallel.data",
+    # state_dict_saver.py: `torch.tensor([local_verify_reuse], ..., device='cuda')` in dist_checkpointing save.
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # exchange_utils.py: `torch.empty_like(tensor, device="cuda")` when exchanging checkpoint shards.
+    "megatron.core.dist_checkpointing.exchange_utils",
+    # rerun_state_machine.py: `torch.tensor(value, dtype=torch.int32, device='cuda')` in its reductions.
+    "megatron.core.rerun_state_machine",
+    # pipeline_parallel/utils.py: p2p helpers allocate on cuda.
+    "megatron.core.pipeline_parallel.utils",
+    # transformer/utils.py: `get_default_causal_mask` does `torch.ones(sq, sq, device="cuda")`; used when
+    # a layer is called with attention_mask=None (we normally pass an explicit mask, see gpt.py).
+    "megatron.core.transformer.utils",
+)
+
+# torch factory functions whose `device=` argument the proxy rewrites.
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor",
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+)
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    # An int device index means a CUDA ordinal to Megatron (torch.cuda.current_device()).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map a CUDA device spec (str, torch.device, ordinal) to "cpu"; leave anything else alone."""
+    return "cpu" if _is_cuda_device(device) else device
+
+
+def _wrap_factory(fn: Callable) -> Callable:
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    factory.__name__ = getattr(fn, "__name__", "factory")
+    factory.__doc__ = f"CPU shim of torch.{factory.__name__}: device 'cuda' -> 'cpu'."
+    return factory
+
+
+class CpuTorchProxy(types.ModuleType):
+    """Stands in for `torch` inside one Megatron module: factories map device "cuda" to "cpu", all else is torch."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _wrap_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_PROXY: Optional[CpuTorchProxy] = None
+
+
+def torch_proxy() -> CpuTorchProxy:
+    """The shared `torch` proxy installed into `PROXIED_MODULES`."""
+    global _PROXY
+    if _PROXY is None:
+        _PROXY = CpuTorchProxy()
+    return _PROXY
+
+
+# --------------------------------------------------------------------------- individual shims
+
+
+def _current_device() -> str:
+    """CPU shim of torch.cuda.current_device (returns "cpu" so `device=current_device()` allocates on CPU)."""
+    return "cpu"
+
+
+def _get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    """CPU shim of torch.cuda.get_rng_state: the CPU generator's state [ByteTensor]."""
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    """CPU shim of torch.cuda.set_rng_state: sets the CPU generator's state."""
+    torch.set_rng_state(new_state)
+
+
+def _manual_seed(seed: int) -> None:
+    """CPU shim of torch.cuda.manual_seed: seeds the CPU generator (not via torch.manual_seed, which calls back)."""
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _synchronize(device: Any = None) -> None:
+    """CPU shim of torch.cuda.synchronize: CPU ops are synchronous, nothing to wait for."""
+
+
+def _megatron_get_cuda_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """CPU shim of megatron.core.tensor_parallel.random._get_cuda_rng_state: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+def _megatron_set_cuda_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """CPU shim of megatron.core.tensor_parallel.random._set_cuda_rng_state: sets the CPU generator's state."""
+    torch.set_rng_state(new_state)
+
+
+def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> torch.Tensor:
+    """CPU shim of Tensor.cuda: returns the tensor itself (there is no CUDA device to move it to)."""
+    return self
+
+
+def clip_grad_by_total_norm_fp32_cpu(
+    parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
+) -> None:
+    """CPU version of megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32 (in place, fp32/bf16 grads)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = []
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is None:
+            continue
+        if grad.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"gradient clipping expects fp32/bf16 gradients, got {grad.dtype}")
+        grads.append(grad.detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+# --------------------------------------------------------------------------- install
+
+
+def install_cpu_shims(force: bool = False) -> bool:
+    """Patch torch.cuda / Megatron-Core for CPU-only runs; idempotent; returns True when the shims are active.
+
+    A no-op (returns False) when CUDA is available, unless `force` (used by tests on GPU hosts: never).
+    """
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+
+    # torch.cuda.current_device(): Megatron allocates with `device=torch.cuda.current_device()`
+    # (e.g. RotaryEmbedding.get_emb moves inv_freq there, param_and_grad_buffer, rerun_state_machine).
+    torch.cuda.current_device = _current_device
+    # torch.cuda.{get,set}_rng_state / manual_seed: Megatron's CudaRNGStatesTracker.add() and
+    # model_parallel_cuda_manual_seed() save, seed and restore the "CUDA" generator; on CPU that is the
+    # CPU generator (torch.cuda.manual_seed is otherwise a silent lazy no-op and get_rng_state raises).
+    torch.cuda.get_rng_state = _get_rng_state
+    torch.cuda.set_rng_state = _set_rng_state
+    torch.cuda.manual_seed = _manual_seed
+    torch.cuda.random.get_rng_state = _get_rng_state
+    torch.cuda.random.set_rng_state = _set_rng_state
+    # torch.cuda.synchronize(): called by Megatron timers, schedules and checkpointing.
+    torch.cuda.synchronize = _synchronize
+    # Tensor.cuda(): LanguageModule.setup_embeddings_and_output_layer does `weight.data = weight.data.cuda()`
+    # before all-reducing tied embeddings across the first and last pipeline stage (PP > 1, tied).
+    torch.Tensor.cuda = _tensor_cuda
+
+    # megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state: used by
+    # CudaRNGStatesTracker.fork() (dropout / init inside TP regions); they index torch.cuda.default_generators.
+    random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+    random_mod._get_cuda_rng_state = _megatron_get_cuda_rng_state
+    random_mod._set_cuda_rng_state = _megatron_set_cuda_rng_state
+
+    # Module-level `torch` proxy: hard-coded `device="cuda"` tensor factories in the listed modules.
+    proxy = torch_proxy()
+    for name in PROXIED_MODULES:
+        module = importlib.import_module(name)
+        module.torch = proxy
+
+    # clip_grad_by_total_norm_fp32 asserts `param.grad.type() == 'torch.cuda.FloatTensor'` and uses an
+    # apex/TE multi-tensor kernel; replace it (also the name imported into optimizer.py) with a CPU version.
+    clip_mod = importlib.import_module("megatron.core.optimizer.clip_grads")
+    opt_mod = importlib.import_module("megatron.core.optimizer.optimizer")
+    clip_mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32_cpu
+    opt_mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32_cpu
+
+    _INSTALLED = True
+    logger.info("installed Megatron-Core CPU shims (no CUDA device)")
+    return True
+
+
+def cpu_shims_installed() -> bool:
+    """Whether `install_cpu_shims` has patched this process."""
+    return _INSTALLED

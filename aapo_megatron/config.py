@@ -156,25 +156,31 @@ class RewardConfig:
     """Reward functions and the worker pool that runs them."""
 
     functions: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0})
-    """Reward function name -> weight. Rewards combine as a NaN-ignoring weighted sum."""
+    """Reward function name -> weight. Built in: accuracy, format, cosine_length, reasoning_gym; "pkg.module:fn" imports a custom one. Rewards combine as a NaN-ignoring weighted sum."""
     answer_tag: Optional[str] = None
     """Extract the answer from <tag>...</tag> instead of the last \\boxed{}."""
+    format_style: Literal["think_answer", "think_close"] = "think_answer"
+    """format: think_answer = the whole completion is <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer> (open-r1); think_close = exactly one "\\n</think>\\n" (open-rs, where the chat template opens <think>)."""
     num_workers: int = 2
     """Reward worker processes."""
     timeout_s: float = 10.0
-    """Per-sample reward timeout, seconds."""
+    """Per-sample reward timeout, seconds. A worker still busy after it is killed and replaced."""
     on_failure: Literal["nan", "zero"] = "zero"
     """Reward given to a sample whose reward timed out or crashed."""
-    cosine_min_value_wrong: float = -0.5
-    """cosine_length: reward of a wrong answer at length 0... see rewards/ for the full curve."""
-    cosine_max_value_wrong: float = 0.0
-    """cosine_length: reward of a wrong answer at max length."""
+    cosine_min_value_wrong: float = 0.0
+    """cosine_length: reward of a wrong answer at length 0 (open-rs default)."""
+    cosine_max_value_wrong: float = -0.5
+    """cosine_length: reward of a wrong answer at cosine_max_len (open-rs default)."""
     cosine_min_value_correct: float = 0.5
-    """cosine_length: reward of a correct answer at max length."""
+    """cosine_length: reward of a correct answer at cosine_max_len."""
     cosine_max_value_correct: float = 1.0
     """cosine_length: reward of a correct answer at length 0."""
     cosine_max_len: int = 1000
-    """cosine_length: length (tokens) where the curve ends."""
+    """cosine_length: length where the curve ends, in cosine_length_unit."""
+    cosine_length_unit: Literal["chars", "tokens"] = "chars"
+    """cosine_length: measure completions in characters (open-rs) or completion tokens."""
+    cosine_clip_length: bool = True
+    """cosine_length: hold the reward at its cosine_max_len value beyond it; false reproduces open-rs, whose cosine keeps oscillating."""
 
 
 @dataclass
@@ -188,9 +194,9 @@ class DataConfig:
     eval_path: Optional[str] = None
     """Held-out prompts file (jsonl / parquet)."""
     prompt_key: str = "problem"
-    """Column holding the question (problem / question / prompt)."""
+    """Column holding the question (problem / question / prompt); a dotted path reaches nested fields. Text or a list of chat messages."""
     answer_key: str = "answer"
-    """Column holding the ground truth (answer / solution)."""
+    """Column holding the ground truth (answer / gt_answer / solution); \\boxed{} and GSM8K "#### x" forms are reduced to the answer."""
     reasoning_gym_task: str = "basic_arithmetic"
     """reasoning-gym generator name when source=reasoning_gym."""
     reasoning_gym_args: dict[str, Any] = field(default_factory=dict)
@@ -198,17 +204,21 @@ class DataConfig:
     train_size: int = 2000
     """reasoning-gym: number of training problems generated."""
     eval_size: int = 200
-    """reasoning-gym: number of held-out problems generated."""
+    """reasoning-gym: number of held-out problems generated (none repeats a training question)."""
     prompts_per_step: int = 8
     """Prompts per RL step, B (each gets G responses)."""
     max_prompt_tokens: int = 256
     """Prompts longer than this (tokens) are skipped and counted."""
     system_prompt: Optional[str] = None
-    """System prompt; None uses none."""
+    """System prompt text, or a preset name (aapo_open_rs, aapo_open_r1: the paper's configs); None uses none."""
     chat_template: Optional[str] = None
-    """Jinja chat template overriding the tokenizer's own; "plain" joins system and user text."""
+    """None = the tokenizer's own template; "plain" joins system and user text; "raw" uses the prompt text as is (pre-templated data); else a Jinja template or a path to one."""
     train_tokenizer: bool = False
     """Train a sentencepiece tokenizer on the training prompts (tiny demo models)."""
+    shuffle: bool = True
+    """Shuffle the prompts each epoch (a permutation fixed by seed and epoch)."""
+    max_bad_row_reports: int = 5
+    """Number of skipped rows reported individually (by row number) in the log."""
     seed: int = 1234
     """Shuffle / generation seed."""
 

@@ -1,0 +1,114 @@
+"""Megatron dist_checkpointing (torch_dist) checkpoints of a GPTModel, plus the metadata that makes them self-contained.
+
+A checkpoint directory written by `aapo-convert hf-to-mcore` holds
+
+    metadata.json, .metadata, __*_*.distcp, common.pt    Megatron dist_checkpointing (torch_dist)
+    aapo_checkpoint.json                                  format version, dtype, the HF config (-> ArchSpec)
+    hf/                                                   config.json + tokenizer/generation files of the source
+
+Tensors are stored with global shapes (Megatron's sharded_state_dict: layers stacked
+along a leading axis by global layer index, TP splits as axis fragments), so the same
+directory loads at any TP/PP:
+
+    model = build_gpt_model(read_arch(ckpt), dtype=...)    # any parallel layout
+    load_mcore_checkpoint(model, ckpt)                      # collective over all ranks
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+from aapo_megatron.convert.errors import ConversionError
+from aapo_megatron.models.arch import ArchSpec
+
+METADATA_NAME = "aapo_checkpoint.json"
+HF_SUBDIR = "hf"
+FORMAT = "aapo-megatron/mcore"
+FORMAT_VERSION = 1
+
+
+def is_mcore_checkpoint(path: str) -> bool:
+    """True if `path` is a Megatron dist_checkpointing directory (has metadata.json)."""
+    return os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def write_checkpoint_metadata(ckpt_dir: str, hf_config: dict[str, Any], dtype: str,
+                              hf_files_dir: Optional[str] = None, hf_files: tuple[str, ...] = (),
+                              extra: Optional[dict[str, Any]] = None) -> None:
+    """Write aapo_checkpoint.json and hf/config.json (+ copies of `hf_files` from `hf_files_dir`) into ckpt_dir."""
+    from aapo_megatron.convert.hf_io import copy_files, write_config
+
+    spec = ArchSpec.from_hf_config(hf_config)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "architecture": spec.hf_architecture,
+        "num_layers": spec.num_layers,
+        "vocab_size": spec.vocab_size,
+        "hf_config": hf_config,
+        **(extra or {}),
+    }
+    with open(os.path.join(ckpt_dir, METADATA_NAME), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+    hf_dir = os.path.join(ckpt_dir, HF_SUBDIR)
+    os.makedirs(hf_dir, exist_ok=True)
+    write_config(hf_dir, hf_config)
+    if hf_files:
+        copy_files(hf_files_dir, hf_dir, hf_files)
+
+
+def read_checkpoint_metadata(ckpt_dir: str) -> dict[str, Any]:
+    """Content of aapo_checkpoint.json; ConversionError naming the directory if it is not such a checkpoint."""
+    if not os.path.isdir(ckpt_dir):
+        raise ConversionError(f"Megatron checkpoint directory {ckpt_dir} does not exist")
+    if not is_mcore_checkpoint(ckpt_dir):
+        raise ConversionError(f"{ckpt_dir} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
+    path = os.path.join(ckpt_dir, METADATA_NAME)
+    if not os.path.isfile(path):
+        raise ConversionError(
+            f"{ckpt_dir} has no {METADATA_NAME} (not written by aapo-convert); pass --hf-config with the model's "
+            "config.json"
+        )
+    with open(path) as f:
+        try:
+            meta = json.load(f)
+        except ValueError as exc:
+            raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ConversionError(f"{path}: unknown format {meta.get('format')!r} version {meta.get('format_version')!r}")
+    return meta
+
+
+def read_arch(ckpt_dir: str) -> ArchSpec:
+    """ArchSpec of a checkpoint written by aapo-convert (from its stored HF config)."""
+    return ArchSpec.from_hf_config(read_checkpoint_metadata(ckpt_dir)["hf_config"])
+
+
+def save_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
+    """Save this rank's part of `model` with dist_checkpointing (torch_dist); collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    from aapo_megatron.models.weights import unwrap_model
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), ckpt_dir)
+
+
+@torch.no_grad()
+def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
+    """Fill this rank's `model` (any TP/PP) from a dist_checkpointing directory; collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    from aapo_megatron.models.weights import unwrap_model
+
+    if not is_mcore_checkpoint(ckpt_dir):
+        raise ConversionError(f"{ckpt_dir} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
+    model = unwrap_model(model)
+    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    model.load_state_dict(state, strict=True)

@@ -30,6 +30,12 @@ def _worker_entry(rank: int, world: int, port: int, fn: Callable, args: Sequence
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads),
     )
+    if os.environ.get("AAPO_CONVERT_VERBOSE", "0") != "1":
+        # Megatron/torch warn about missing Apex/TE and deprecated ShardedTensor APIs on every import; hide them.
+        import warnings
+
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
     try:
         import torch
 

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from aapo_megatron.convert.errors import ConversionError
+from aapo_megatron.convert.errors import ConversionError, MissingTensorError, ShapeMismatchError
 from aapo_megatron.models.arch import ArchSpec
 
 METADATA_NAME = "aapo_checkpoint.json"
@@ -88,6 +88,62 @@ def read_checkpoint_metadata(ckpt_dir: str) -> dict[str, Any]:
 def read_arch(ckpt_dir: str) -> ArchSpec:
     """ArchSpec of a checkpoint written by aapo-convert (from its stored HF config)."""
     return ArchSpec.from_hf_config(read_checkpoint_metadata(ckpt_dir)["hf_config"])
+
+
+def checkpoint_tensors(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{key: (global shape, dtype)} of every tensor in a torch_dist checkpoint, from its .metadata (no data read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = FileSystemReader(ckpt_dir).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+        raise ConversionError(f"cannot read the torch_dist metadata of {ckpt_dir}: {exc}") from exc
+    out = {}
+    for key, md in meta.state_dict_metadata.items():
+        if hasattr(md, "size") and hasattr(md, "properties"):
+            out[key] = (tuple(md.size), md.properties.dtype)
+    return out
+
+
+def expected_checkpoint_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """{checkpoint key: global shape} Megatron's GPTModel.sharded_state_dict stores for `spec` (TP-independent part).
+
+    Layer tensors are stacked along a leading axis of size num_layers under `decoder.layers.<name>`; norms use
+    Transformer Engine names in either layer spec; vocab rows are unpadded (a checkpoint saved at a TP that pads
+    the vocabulary has more rows).
+    """
+    from aapo_megatron.convert.mapping import WeightMapping
+
+    mapping = WeightMapping(spec, naming="te")
+    out = {}
+    for g in mapping.global_groups():
+        out[g.megatron_name] = mapping.megatron_shape(g.megatron_name)
+    for g in mapping.layer_groups(0):
+        key = g.megatron_name.replace("decoder.layers.0.", "decoder.layers.", 1)
+        out[key] = (spec.num_layers,) + mapping.megatron_shape(g.megatron_name)
+    return out
+
+
+def validate_mcore_checkpoint(ckpt_dir: str, spec: ArchSpec) -> torch.dtype:
+    """Check that every tensor `spec` needs is in the checkpoint with the right global shape; return their dtype."""
+    stored = checkpoint_tensors(ckpt_dir)
+    dtypes = set()
+    for key, shape in expected_checkpoint_shapes(spec).items():
+        if key not in stored:
+            raise MissingTensorError(
+                f"tensor '{key}' is missing from the Megatron checkpoint {ckpt_dir} "
+                f"({spec.hf_architecture} with tie_word_embeddings={spec.tie_word_embeddings} needs it)"
+            )
+        got, dtype = stored[key]
+        if got != shape:
+            raise ShapeMismatchError(
+                f"tensor '{key}' has shape {list(got)} in the Megatron checkpoint {ckpt_dir} "
+                f"but the architecture needs {list(shape)}"
+            )
+        dtypes.add(dtype)
+    if len(dtypes) != 1:
+        raise ConversionError(f"{ckpt_dir} mixes parameter dtypes {sorted(str(d) for d in dtypes)}")
+    return dtypes.pop()
 
 
 def save_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:

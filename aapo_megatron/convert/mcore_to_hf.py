@@ -27,7 +27,13 @@ from aapo_megatron.convert.hf_io import (
 )
 from aapo_megatron.convert.hf_to_mcore import DTYPES, ConversionResult, choose_workers
 from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.mcore_io import HF_SUBDIR, METADATA_NAME, is_mcore_checkpoint, read_checkpoint_metadata
+from aapo_megatron.convert.mcore_io import (
+    HF_SUBDIR,
+    METADATA_NAME,
+    is_mcore_checkpoint,
+    read_checkpoint_metadata,
+    validate_mcore_checkpoint,
+)
 from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
@@ -78,17 +84,6 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
     return writer.close()
 
 
-def _checkpoint_dtype(ckpt_dir: str) -> str:
-    """dtype of the tensors in a torch_dist checkpoint, read from its .metadata (no tensor data touched)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(ckpt_dir).read_metadata()
-    for key, md in meta.state_dict_metadata.items():
-        if "embedding.word_embeddings.weight" in key and hasattr(md, "properties"):
-            return str(md.properties.dtype).replace("torch.", "")
-    raise ConversionError(f"{ckpt_dir} holds no embedding.word_embeddings.weight: not a GPT checkpoint")
-
-
 def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = None, dtype: Optional[str] = None,
                         workers: Optional[int] = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                         force: bool = False, progress: bool = True) -> ConversionResult:
@@ -105,14 +100,15 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
                 config: dict[str, Any] = json.load(f)
             except ValueError as exc:
                 raise ConversionError(f"{hf_config} is not valid JSON: {exc}") from exc
-        ckpt_dtype = _checkpoint_dtype(ckpt_dir)
     else:
         meta = read_checkpoint_metadata(ckpt_dir)
-        config, ckpt_dtype = dict(meta["hf_config"]), meta["dtype"]
+        config = dict(meta["hf_config"])
         carried_dir = os.path.join(ckpt_dir, HF_SUBDIR)
         if os.path.isdir(carried_dir):
             carried = tuple(f for f in sorted(os.listdir(carried_dir)) if f != CONFIG_NAME)
     spec = ArchSpec.from_hf_config(config)  # UnsupportedArchitectureError names it + lists the supported
+    # every tensor present with the right global shape (MissingTensorError / ShapeMismatchError name it)
+    ckpt_dtype = str(validate_mcore_checkpoint(ckpt_dir, spec)).replace("torch.", "")
     source_dtype = spec.torch_dtype if spec.torch_dtype in DTYPES else "float32"
     out_dtype = dtype or source_dtype
     if out_dtype not in DTYPES:

@@ -1,0 +1,22 @@
+"""Fault-injecting reward functions for the pool tests, loaded in workers as "tests.rewards.faults:<fn>"."""
+
+import os
+
+from aapo_megatron.rewards import RewardInput
+
+
+def crash_on_request(x: RewardInput) -> float:
+    """Kills its worker process (exit code 7) when the completion says "CRASH"; else 1.0."""
+    if x.completion == "CRASH":
+        os._exit(7)
+    return 1.0
+
+
+def raise_on_request(x: RewardInput) -> float:
+    """Raises ValueError when the completion says "RAISE"; else 2.0."""
+    if x.completion == "RAISE":
+        raise ValueError("asked to raise")
+    return 2.0
+
+
+NOT_CALLABLE = 3

@@ -81,9 +81,10 @@ def padded_batch(vocab_size: int, seed: int = 3) -> tuple[torch.Tensor, torch.Te
 
 
 def pipeline_forward(model, input_ids, position_ids, attention_mask, loss_fn=None, forward_only=True):
-    """Run Megatron's forward(-backward) schedule on one micro-batch; last stage returns the logits [B, S, V/tp].
+    """Run Megatron's forward(-backward) schedule on one micro-batch; returns (logits [B, S, V/tp], loss).
 
-    `loss_fn(logits) -> scalar` turns on the backward pass (forward_only=False). Other stages return None.
+    `loss_fn(logits) -> scalar` is the loss (backward when forward_only=False); the logits are copied before
+    it runs (Megatron's vocab_parallel_cross_entropy works in place). Stages other than the last get (None, None).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -92,8 +93,9 @@ def pipeline_forward(model, input_ids, position_ids, attention_mask, loss_fn=Non
     captured = {}
 
     def loss_func(output_tensor):
-        captured["logits"] = output_tensor.detach()
+        captured["logits"] = output_tensor.detach().clone()
         loss = loss_fn(output_tensor) if loss_fn is not None else output_tensor.sum() * 0.0
+        captured["loss"] = loss.detach().clone()
         return loss, {"loss": loss.detach()}
 
     def forward_step(data_iterator, model):
@@ -110,7 +112,9 @@ def pipeline_forward(model, input_ids, position_ids, attention_mask, loss_fn=Non
         micro_batch_size=input_ids.shape[0],
         forward_only=forward_only,
     )
-    return captured.get("logits") if ps.is_pipeline_last_stage() else None
+    if not ps.is_pipeline_last_stage():
+        return None, None
+    return captured["logits"], captured["loss"]
 
 
 def gather_vocab(logits: torch.Tensor, vocab_size: Optional[int] = None) -> torch.Tensor:

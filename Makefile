@@ -26,7 +26,7 @@ $(DEPS_STAMP): requirements/cpu.txt | $(PY)
 	touch $@
 
 $(PKG_STAMP): $(DEPS_STAMP) pyproject.toml setup.py
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	AAPO_SKIP_EXT=1 $(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 venv: $(PY)

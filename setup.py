@@ -3,7 +3,7 @@
 The one place that decides CPU vs CUDA at build time:
 - torch built with CUDA and nvcc found  -> CUDAExtension (csrc/*.cpp + csrc/cuda/*.cu), AAPO_WITH_CUDA defined;
 - otherwise                              -> CppExtension (csrc/*.cpp) with OpenMP.
-Set AAPO_FORCE_CPU=1 to build the CPU variant on a CUDA machine.
+Set AAPO_FORCE_CPU=1 to build the CPU variant on a CUDA machine, AAPO_SKIP_EXT=1 to install without the extension.
 """
 
 import glob
@@ -52,7 +52,9 @@ def _extension():
     )
 
 
+# `make` installs the package metadata with AAPO_SKIP_EXT=1 and then builds the extension once,
+# in place, with `setup.py build_ext --inplace` (ninja keeps that incremental).
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("AAPO_SKIP_EXT") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

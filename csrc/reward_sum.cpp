@@ -1,9 +1,12 @@
 // Weighted, NaN-ignoring sum of per-function rewards: r[i] = sum_f w[f] * R[i, f]
 // over the f where R[i, f] is not NaN (NaN means "this function does not apply").
-// A row where every entry is NaN sums to NaN.
+// A row where every entry is NaN sums to NaN here (so callers can see it); the grouped-advantage op
+// (advantages.cpp) instead treats such a row as the empty sum 0, like torch.nansum.
 #include <torch/extension.h>
 
 #include <cmath>
+
+#include "aapo_math.h"
 
 namespace aapo {
 
@@ -23,16 +26,9 @@ at::Tensor nan_weighted_reward_sum(const at::Tensor& rewards, const at::Tensor& 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float acc = 0.f;
-      bool any = false;
-      for (int64_t j = 0; j < f; ++j) {
-        const float v = rp[i * f + j];
-        if (!std::isnan(v)) {
-          acc += wp[j] * v;
-          any = true;
-        }
-      }
-      op[i] = any ? acc : NAN;
+      int64_t count = 0;
+      const double acc = math::nan_weighted_sum(rp + i * f, wp, f, &count);
+      op[i] = count > 0 ? static_cast<float>(acc) : NAN;
     }
   });
   return out;

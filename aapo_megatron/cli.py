@@ -1,30 +1,74 @@
-"""Console entry points: aapo-train, aapo-convert, aapo-eval, aapo-rollout-server."""
+"""Console entry points: aapo-train, aapo-convert, aapo-eval, aapo-rollout-server.
+
+Exit codes of aapo-train: 0 finished; 2 bad configuration or input; 3 stopped by SIGTERM/SIGUSR1
+after saving a checkpoint (Slurm scripts requeue on 3); 1 anything else.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Optional
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
 
 
-def _not_yet(name: str) -> int:
-    print(f"{name}: not implemented yet in this build (see the open issues)", file=sys.stderr)
-    return 2
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aapo-train",
+        description="AAPO / GRPO / SFT training on Megatron-Core with vLLM rollouts.",
+        epilog="Example: aapo-train --config configs/quickstart_cpu.yaml --set algorithm.delta_high=0.3",
+    )
+    p.add_argument("--config", help="YAML config file (sections: model, parallel, algorithm, rollout, reward, data, "
+                                    "optim, trainer, checkpoint, logging)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable: --set rollout.temperature=0.7")
+    p.add_argument("--resume", help="'auto' (newest valid checkpoint, if any) or a checkpoint directory; "
+                                    "shorthand for --set checkpoint.resume=...")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and doc")
+    return p
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """aapo-train --config X.yaml [--set k=v ...]."""
-    return _not_yet("aapo-train")
+def train_main(argv: Optional[list[str]] = None) -> int:
+    """aapo-train --config X.yaml [--set k=v ...] [--resume auto]."""
+    from aapo_megatron.config import ConfigError, describe, load_config
+
+    args = _train_parser().parse_args(argv)
+    if args.help_config:
+        for key, tp, default, doc in describe():
+            print(f"{key} ({tp}, default {default!r})\n    {doc}")
+        return EXIT_OK
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"aapo-train: config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from aapo_megatron.trainer.loop import run_training
+
+    return run_training(cfg)
 
 
-def convert_main(argv: list[str] | None = None) -> int:
+def convert_main(argv: Optional[list[str]] = None) -> int:
     """aapo-convert hf-to-mcore | mcore-to-hf."""
-    return _not_yet("aapo-convert")
+    from aapo_megatron.convert.cli import main
+
+    return main(argv)
 
 
-def eval_main(argv: list[str] | None = None) -> int:
+def eval_main(argv: Optional[list[str]] = None) -> int:
     """aapo-eval --model DIR --data FILE."""
-    return _not_yet("aapo-eval")
+    print("aapo-eval: not implemented yet (issue 10)", file=sys.stderr)
+    return EXIT_ERROR
 
 
-def rollout_server_main(argv: list[str] | None = None) -> int:
+def rollout_server_main(argv: Optional[list[str]] = None) -> int:
     """aapo-rollout-server."""
-    return _not_yet("aapo-rollout-server")
+    from aapo_megatron.rollout.server import main
+
+    return main(argv)

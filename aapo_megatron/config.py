@@ -265,6 +265,10 @@ class TrainerConfig:
     """Stop after this many consecutive steps with a NaN/inf loss or gradient."""
     sft_steps: int = 0
     """Supervised warm-start steps before RL (algorithm.name=sft runs only these)."""
+    sft_lr: float = 1e-3
+    """Learning rate of the SFT warm start (constant; RL uses optim.lr with a fresh optimizer)."""
+    sft_batch_size: int = 32
+    """Prompt/answer pairs per SFT step."""
     run_dir: str = "runs/default"
     """Output directory: metrics, plots, checkpoints."""
 
@@ -653,6 +657,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     t = cfg.trainer
     _non_negative(t, "trainer", "steps", "eval_every", "sft_steps")
+    _positive(t, "trainer", "sft_lr", "sft_batch_size")
     _positive(t, "trainer", "updates_per_step", "micro_batch_tokens", "max_bad_steps")
     n_samples = d.prompts_per_step * r.num_generations
     _check(n_samples % t.updates_per_step == 0, "trainer.updates_per_step",

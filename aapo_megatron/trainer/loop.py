@@ -1,0 +1,557 @@
+"""The training job: set-up, optional SFT warm start, the RL loop, evaluation, checkpoints, shutdown.
+
+One RL step (DESIGN.md section 2):
+  rank 0: prompts -> policy engine (G samples) and reference engine or cache (G samples)
+          -> reward pool -> grouped-advantage op -> RolloutBatch
+  all:    broadcast the batch -> `updates_per_step` Megatron updates -> gather weights
+  rank 0: push them to the policy engine (weight version +1) -> metrics, eval, checkpoint
+
+Rank 0 owns the rollout side (vLLM engines run in their own spawned processes); every
+rank owns its TP/PP shard of the policy. Only token ids cross the broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from aapo_megatron.config import Config, ConfigError, dump_yaml
+from aapo_megatron.trainer.batch import RolloutBatch, make_micro_batches, micro_batch_shape, shard_indices
+from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager
+from aapo_megatron.trainer.metrics import MetricsLogger, summary_table, write_plots
+from aapo_megatron.trainer.signals import StopRequest
+
+log = logging.getLogger("aapo_megatron.trainer")
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+HF_INIT_DIR = "hf_init"
+TOKENIZER_DIR = "tokenizer"
+SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "eval/accuracy", "loss", "adv/abs_mean", "adv/zero_var_frac",
+                "response/len_mean", "mismatch/mean", "time/step")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (the message says why and what to do)."""
+
+
+@dataclass
+class LoopState:
+    """Counters that go into every checkpoint."""
+
+    step: int = 0
+    """RL steps completed."""
+    sft_step: int = 0
+    """SFT warm-start steps completed."""
+    consecutive_bad: int = 0
+    """Steps in a row skipped for a non-finite loss or gradient."""
+    total_bad: int = 0
+    """Skipped steps over the run."""
+    sampler: dict = field(default_factory=dict)
+    """RL prompt sampler state."""
+    sft_sampler: dict = field(default_factory=dict)
+    """SFT sampler state."""
+    reference_cache: Optional[dict] = None
+    """Cached reference rollouts (reference_rollouts=cached)."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_object(obj: Any, src: int = 0) -> Any:
+    box = [obj]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO to stderr; other ranks only warnings."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+
+class TrainingJob:
+    """Everything one `aapo-train` process holds; rank 0 additionally owns engines, rewards and data."""
+
+    def __init__(self, cfg: Config):
+        from aapo_megatron.models.parallel import current_layout, init_distributed, seed_everything
+
+        self.cfg = cfg
+        self.env = init_distributed(cfg)
+        self.rank = self.env.rank
+        self.is_rank0 = self.rank == 0
+        setup_logging(self.rank)
+        seed_everything(cfg.trainer.seed)
+        self.layout = current_layout()
+        self.run_dir = os.path.abspath(cfg.trainer.run_dir)
+        self.ckpt_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(self.run_dir, "checkpoints"))
+        if self.is_rank0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
+                fh.write(dump_yaml(cfg))
+        _barrier()
+        self.state = LoopState()
+        self.policy_engine = self.reference_engine = self.reward_pool = None
+        self.metrics: Optional[MetricsLogger] = None
+        self.ckpt = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last, is_writer=self.is_rank0,
+                                      barrier=_barrier)
+
+    # ================================================================== set-up
+    def _tokenizer(self):
+        from aapo_megatron.data.tokenizer import corpus_texts, load_tokenizer, train_sentencepiece_tokenizer
+
+        cfg = self.cfg
+        path = cfg.model.tokenizer or cfg.model.path
+        if cfg.data.train_tokenizer and cfg.model.tokenizer is None:
+            path = os.path.join(self.run_dir, TOKENIZER_DIR)
+            if self.is_rank0 and not os.path.isdir(path):
+                log.info("training a sentencepiece tokenizer (vocab %d) -> %s", cfg.model.scratch.vocab_size, path)
+                train_sentencepiece_tokenizer(corpus_texts(cfg.data), path, vocab_size=cfg.model.scratch.vocab_size)
+            _barrier()
+        if path is None:
+            raise ConfigError("no tokenizer: set model.tokenizer, model.path, or data.train_tokenizer=true")
+        self.tokenizer_dir = path
+        return load_tokenizer(path)
+
+    def _arch(self):
+        from aapo_megatron.models.arch import ArchSpec
+
+        if self.cfg.model.path is None:
+            return ArchSpec.from_scratch(self.cfg.model.scratch).replace(vocab_size=len(self.tokenizer))
+        from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, read_arch
+
+        if is_mcore_checkpoint(self.cfg.model.path):
+            return read_arch(self.cfg.model.path)
+        return ArchSpec.from_hf_dir(self.cfg.model.path)
+
+    def _load_initial_weights(self) -> None:
+        """Starting weights of the policy: model.path (HF or Megatron), else Megatron's random init."""
+        path = self.cfg.model.path
+        if path is None:
+            return
+        from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, load_mcore_checkpoint
+
+        if is_mcore_checkpoint(path):
+            load_mcore_checkpoint(self.model, path)
+        else:
+            self._load_hf_dir(path)
+
+    def _load_hf_dir(self, path: str) -> None:
+        from aapo_megatron.convert.hf_io import HFCheckpointReader
+        from aapo_megatron.models.weights import load_hf_weights
+
+        reader = HFCheckpointReader(path)
+        load_hf_weights(self.model, self.mapping, lambda name: reader.load([name])[name])
+
+    def _build_models(self) -> None:
+        from aapo_megatron.convert.mapping import WeightMapping
+        from aapo_megatron.models.gpt import build_policy, resolve_dtype
+        from aapo_megatron.models.weights import model_naming
+
+        self.spec = self._arch()
+        self.dtype = resolve_dtype(self.cfg.model.dtype)
+        self.model = build_policy(self.spec, dtype=self.dtype)
+        self.mapping = WeightMapping(self.spec, naming=model_naming(self.model))
+        self._load_initial_weights()
+        self.chunks = None  # DDP-wrapped, built by _build_optimizer
+
+    def _build_optimizer(self, lr: Optional[float] = None, total_updates: int = 1, constant: bool = False) -> None:
+        """(Re)build DDP wrappers, a fresh optimizer and LR schedule (fresh Adam state)."""
+        import dataclasses
+
+        from aapo_megatron.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
+
+        use_dist_opt = torch.cuda.is_available()  # Megatron's DistributedOptimizer refuses CPU tensors
+        if self.chunks is None:
+            self.chunks = wrap_ddp([self.model], use_distributed_optimizer=use_dist_opt)
+        ocfg = self.cfg.optim
+        if lr is not None:
+            ocfg = dataclasses.replace(ocfg, lr=lr, min_lr=min(ocfg.min_lr, lr), warmup_steps=0 if constant else ocfg.warmup_steps,
+                                       lr_schedule="constant" if constant else ocfg.lr_schedule)
+        self.optimizer = build_optimizer(self.chunks, ocfg, bf16=self.dtype == torch.bfloat16,
+                                         use_distributed_optimizer=use_dist_opt)
+        self.scheduler = build_scheduler(self.optimizer, ocfg, total_updates)
+
+    def _rank0_components(self, hf_init: str) -> None:
+        """Engines, reward pool and datasets (rank 0 only)."""
+        from aapo_megatron.data.dataset import PromptDataset
+        from aapo_megatron.data.sampler import ResumableSampler
+        from aapo_megatron.rewards.pool import RewardPool
+        from aapo_megatron.rollout.vllm_engine import build_engines
+
+        cfg = self.cfg
+        log.info("loading prompts (%s)", cfg.data.source)
+        self.train_set = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
+        self.eval_set = PromptDataset.from_config(cfg.data, self.tokenizer, "eval") if cfg.data.eval_size > 0 or cfg.data.eval_path else None
+        self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed)
+        if self.state.sampler:
+            self.sampler.load_state_dict(self.state.sampler)
+        self.reward_pool = RewardPool(cfg.reward)
+        needs_reference = cfg.algorithm.name == "aapo"
+        log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if needs_reference else "")
+        self.policy_engine, self.reference_engine = build_engines(hf_init, cfg.rollout, reference=needs_reference)
+        self.reference_cache = None
+        if cfg.algorithm.reference_rollouts == "cached":
+            from aapo_megatron.rollout.reference_cache import ReferenceCache
+
+            self.reference_cache = ReferenceCache()
+            if self.state.reference_cache:
+                self.reference_cache.load_state_dict(self.state.reference_cache)
+        from aapo_megatron.trainer.rollout import RolloutCollector
+
+        self.collector = RolloutCollector(cfg, self.tokenizer, self.policy_engine, self.reference_engine,
+                                          self.reward_pool, self.tokenizer.eos_token_id, self.reference_cache)
+
+    # ================================================================== weights out
+    def _iter_hf(self):
+        from aapo_megatron.models.weights import iter_hf_tensors
+        from megatron.core import parallel_state as ps
+
+        return iter_hf_tensors(self.model, self.mapping, ps.get_tensor_model_parallel_group(),
+                               ps.get_pipeline_model_parallel_group())
+
+    def _model_parallel_rank0(self) -> bool:
+        """True on the ranks that must take part in gathering weights (data-parallel rank 0's model-parallel group)."""
+        return self.layout.dp_rank == 0
+
+    def export_hf(self, out_dir: str) -> None:
+        """Collective: write the policy as an HF directory (safetensors + config.json + tokenizer), atomically."""
+        from aapo_megatron.convert.hf_io import SafetensorsShardWriter, copy_files, finalize_shards, write_config
+        from aapo_megatron.models.arch import to_hf_config
+
+        tmp = out_dir + ".tmp"
+        writer = None
+        if self.is_rank0:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            writer = SafetensorsShardWriter(tmp)
+        if self._model_parallel_rank0():
+            for name, tensor in self._iter_hf():
+                if writer is not None:
+                    writer.add(name, tensor.detach().to("cpu").clone())
+        if self.is_rank0:
+            finalize_shards(tmp, writer.close())
+            write_config(tmp, to_hf_config(self.spec))
+            self.tokenizer.save_pretrained(tmp)
+            if os.path.exists(out_dir):
+                import shutil
+
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        _barrier()
+
+    def sync_policy_engine(self) -> float:
+        """Collective: stream the current weights to the policy engine; returns seconds."""
+        t0 = time.perf_counter()
+        if self._model_parallel_rank0():
+            tensors = self._iter_hf()
+            if self.is_rank0:
+                self.policy_engine.update_weights(tensors)
+            else:
+                for _ in tensors:  # take part in the TP/PP collectives
+                    pass
+        _barrier()
+        return time.perf_counter() - t0
+
+    # ================================================================== updates
+    def _updates(self, batch: RolloutBatch, num_updates: int, loss_name: str) -> list:
+        """`num_updates` optimizer updates over consecutive mini-batches of `batch` (this DP rank's share)."""
+        from aapo_megatron.trainer.losses import build_loss_fn, token_logprobs
+        from aapo_megatron.trainer.train_step import run_update
+
+        rows, seq_len = micro_batch_shape(batch, self.cfg.trainer.micro_batch_tokens)
+        per_update = len(batch) // num_updates
+        results = []
+        for u in range(num_updates):
+            mini = range(u * per_update, (u + 1) * per_update)
+            mine = shard_indices(len(mini), self.layout.dp_rank, self.layout.dp_size)
+            indices = range(mini.start + mine.start, mini.start + mine.stop)
+            micro = make_micro_batches(batch, indices, rows, seq_len)
+            loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0))
+            results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn, token_logprobs,
+                                      self.cfg.optim.clip_grad))
+        return results
+
+    def _guard(self, results: list) -> bool:
+        """Count non-finite steps; raise after `trainer.max_bad_steps` in a row. True if the step was clean."""
+        import math
+
+        bad = any(not r.update.applied or not math.isfinite(r.loss) for r in results)
+        if bad:
+            self.state.consecutive_bad += 1
+            self.state.total_bad += 1
+            log.warning("non-finite loss or gradient: update skipped (%d in a row)", self.state.consecutive_bad)
+            if self.state.consecutive_bad >= self.cfg.trainer.max_bad_steps:
+                raise TrainingError(f"{self.state.consecutive_bad} consecutive steps had a non-finite loss or "
+                                    f"gradient (trainer.max_bad_steps={self.cfg.trainer.max_bad_steps}); stopping. "
+                                    f"Lower optim.lr or check the data.")
+        else:
+            self.state.consecutive_bad = 0
+        return not bad
+
+    @staticmethod
+    def _update_metrics(results: list) -> dict[str, float]:
+        import math
+
+        out = {"loss": sum(r.loss for r in results) / len(results),
+               "grad_norm": max(r.update.grad_norm for r in results),
+               "lr": results[-1].update.lr,
+               "train/tokens": float(sum(r.num_tokens for r in results))}
+        for key in results[0].metrics:
+            vals = [r.metrics[key] for r in results if key in r.metrics and math.isfinite(r.metrics[key])]
+            if vals:
+                out[key] = max(vals) if key.endswith("_max") else sum(vals) / len(vals)
+        return out
+
+    # ================================================================== SFT warm start
+    def _sft_batch(self, sampler, prompts) -> RolloutBatch:
+        eos = self.tokenizer.eos_token_id
+        idx = sampler.next_batch(self.cfg.trainer.sft_batch_size)
+        chosen = [prompts[i] for i in idx]
+        answers = [self.tokenizer.encode(p.answer, add_special_tokens=False) + [eos] for p in chosen]
+        return RolloutBatch(prompt_ids=[list(p.input_ids) for p in chosen], completion_ids=answers,
+                            advantages=torch.ones(len(chosen)))
+
+    def run_sft(self, stop: StopRequest) -> None:
+        """Supervised warm start on (prompt, answer) pairs; every rank builds the same batches."""
+        from aapo_megatron.data.dataset import PromptDataset
+        from aapo_megatron.data.sampler import ResumableSampler
+
+        steps = self.cfg.trainer.sft_steps
+        prompts = PromptDataset.from_config(self.cfg.data, self.tokenizer, "train")
+        sampler = ResumableSampler(len(prompts), seed=self.cfg.data.seed + 1)
+        self._build_optimizer(lr=self.cfg.trainer.sft_lr, total_updates=steps, constant=True)
+        log.info("SFT warm start: %d steps of %d pairs, lr %g", steps, self.cfg.trainer.sft_batch_size,
+                 self.cfg.trainer.sft_lr)
+        t0 = time.perf_counter()
+        for step in range(1, steps + 1):
+            results = self._updates(self._sft_batch(sampler, prompts), 1, "sft_ce")
+            self._guard(results)
+            m = self._update_metrics(results)
+            if self.metrics is not None:
+                self.metrics.log(-steps + step, {"phase": "sft", "sft/loss": m["loss"], "grad_norm": m["grad_norm"]})
+            if step % max(1, steps // 10) == 0 or step == steps:
+                log.info("sft %d/%d  loss %.4f  (%.1fs)", step, steps, m["loss"], time.perf_counter() - t0)
+            if stop.requested:
+                raise TrainingError(f"stopped by {stop.signal_name} during the SFT warm start (nothing to save yet)")
+        self.state.sft_step = steps
+
+    # ================================================================== checkpoints
+    def save_checkpoint(self) -> None:
+        """Collective: policy + optimizer (dist checkpoint), trainer state (rank 0), RNG (every rank)."""
+        from aapo_megatron.trainer.state import MODEL_DIR, save_model_and_optimizer, save_rng, save_trainer_state
+
+        step = self.state.step
+        t0 = time.perf_counter()
+        if self.is_rank0:
+            self.state.sampler = self.sampler.state_dict()
+            if self.reference_cache is not None:
+                self.state.reference_cache = self.reference_cache.state_dict()
+
+        def write(tmp_dir: str) -> None:
+            save_model_and_optimizer(os.path.join(tmp_dir, MODEL_DIR), self.chunks, self.optimizer)
+            save_rng(tmp_dir)
+            if self.is_rank0:
+                save_trainer_state(tmp_dir, {
+                    "loop": self.state.__dict__, "scheduler": self.scheduler.state_dict(),
+                    "config": self.cfg.to_dict(), "world_size": self.env.world_size,
+                })
+
+        info = self.ckpt.save(step, write)
+        log.info("checkpoint step %d -> %s (%.1fs)", step, info.path, time.perf_counter() - t0)
+
+    def _resume(self) -> Optional[int]:
+        """Load the checkpoint `checkpoint.resume` selects; return its step or None for a fresh start."""
+        from aapo_megatron.trainer.state import MODEL_DIR, load_model_and_optimizer, load_rng, load_trainer_state
+
+        info = _broadcast_object(self.ckpt.resolve(self.cfg.checkpoint.resume) if self.is_rank0 else None)
+        if info is None:
+            if self.cfg.checkpoint.resume not in (None, "auto"):
+                raise CheckpointError(f"no checkpoint at {self.cfg.checkpoint.resume}")
+            return None
+        log.info("resuming from %s", info.path)
+        load_model_and_optimizer(os.path.join(info.path, MODEL_DIR), self.chunks, self.optimizer)
+        trainer_state = load_trainer_state(info.path)
+        if trainer_state is None:
+            raise CheckpointError(f"checkpoint {info.path} has no trainer state")
+        self.state = LoopState(**trainer_state["loop"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        load_rng(info.path)
+        return info.step
+
+    # ================================================================== the job
+    def _rl_total_updates(self) -> int:
+        return max(1, self.cfg.trainer.steps * self.cfg.trainer.updates_per_step)
+
+    def run(self) -> int:
+        """Set up, (SFT), RL steps, final eval and summary. Returns the exit code."""
+        cfg = self.cfg
+        with StopRequest() as stop:
+            self.tokenizer = self._tokenizer()
+            self._build_models()
+            hf_init = os.path.join(self.run_dir, HF_INIT_DIR)
+            resumed_step = None
+            if self.cfg.checkpoint.resume is not None:
+                self._build_optimizer(total_updates=self._rl_total_updates())
+                resumed_step = self._resume()
+            self.metrics = MetricsLogger(self.run_dir, cfg.logging, is_writer=self.is_rank0,
+                                         resume_step=resumed_step, run_config=cfg.to_dict())
+            if resumed_step is None:
+                if cfg.trainer.sft_steps > 0 or cfg.algorithm.name == "sft":
+                    self.run_sft(stop)
+                self._build_optimizer(total_updates=self._rl_total_updates())
+            if cfg.algorithm.name == "sft":
+                self.export_hf(os.path.join(self.run_dir, "hf_final"))
+                log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))
+                return EXIT_OK
+            # The frozen reference (and the policy engine's initial weights) = the starting point of RL.
+            if not os.path.isdir(hf_init):
+                self.export_hf(hf_init)
+            if self.is_rank0:
+                self._rank0_components(hf_init)
+            _barrier()
+            start = self.state.step
+            if resumed_step is not None:
+                sync_s = self.sync_policy_engine()  # the engine starts from hf_init: bring it to the resumed weights
+                log.info("policy engine re-synced to step %d (%.1fs)", start, sync_s)
+            if start == 0 and cfg.trainer.eval_every > 0:
+                self._log_eval(0)
+            code = self._rl_loop(start, stop)
+            if code == EXIT_OK:
+                if cfg.trainer.eval_every > 0 and self.state.step % cfg.trainer.eval_every != 0:
+                    self._log_eval(self.state.step)
+                self.export_hf(os.path.join(self.run_dir, "hf_final"))
+                self._finish()
+            return code
+
+    def _log_eval(self, step: int) -> None:
+        from aapo_megatron.trainer.rollout import evaluate
+
+        if self.is_rank0 and self.eval_set is not None:
+            m = evaluate(self.policy_engine, self.tokenizer, list(self.eval_set), self.reward_pool, self.cfg,
+                         self.tokenizer.eos_token_id)
+            log.info("eval @ step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in m.items()))
+            self.metrics.log(step, m)
+        _barrier()
+
+    def _rl_loop(self, start: int, stop: StopRequest) -> int:
+        cfg = self.cfg
+        total = cfg.trainer.steps
+        bar = None
+        if self.is_rank0 and cfg.logging.progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=start, desc="aapo", unit="step")
+        for step in range(start + 1, total + 1):
+            t_step = time.perf_counter()
+            m: dict[str, float] = {}
+            if self.is_rank0:
+                idx = self.sampler.next_batch(cfg.data.prompts_per_step)
+                batch, m = self.collector.collect([self.train_set[i] for i in idx], step)
+            else:
+                batch = None
+            batch = _broadcast_object(batch)
+            t0 = time.perf_counter()
+            loss_name = self._loss_name()
+            results = self._updates(batch, cfg.trainer.updates_per_step, loss_name)
+            m["time/train"] = time.perf_counter() - t0
+            self._guard(results)
+            m.update(self._update_metrics(results))
+            m["time/sync"] = self.sync_policy_engine()
+            self.state.step = step
+            m["time/step"] = time.perf_counter() - t_step
+            m["tokens_per_s"] = m.get("rollout/tokens", 0.0) / m["time/step"] if self.is_rank0 else 0.0
+            m["bad_steps"] = float(self.state.total_bad)
+            if self.is_rank0:
+                self.metrics.log(step, m)
+                self._progress(bar, step, m)
+            if cfg.trainer.eval_every > 0 and step % cfg.trainer.eval_every == 0:
+                self._log_eval(step)
+            stopping = _broadcast_object(stop.requested if self.is_rank0 else None) or stop.requested
+            if (cfg.checkpoint.save_every > 0 and step % cfg.checkpoint.save_every == 0) or stopping or step == total:
+                self.save_checkpoint()
+            if stopping:
+                log.warning("stop signal received: checkpoint at step %d saved, exiting (code %d)", step, EXIT_STOPPED)
+                return EXIT_STOPPED
+        if bar is not None:
+            bar.close()
+        return EXIT_OK
+
+    def _loss_name(self) -> str:
+        a = self.cfg.algorithm
+        if a.loss is not None:
+            return a.loss
+        return {"aapo": "aapo_ce", "grpo": "grpo_clip", "dr_grpo": "grpo_clip", "sft": "sft_ce"}[a.name]
+
+    def _progress(self, bar, step: int, m: dict) -> None:
+        text = (f"reward {m.get('reward/mean', float('nan')):.3f}  loss {m.get('loss', float('nan')):.4f}  "
+                f"|A| {m.get('adv/abs_mean', float('nan')):.3f}  {m['time/step']:.1f}s/step")
+        if bar is not None:
+            bar.set_postfix_str(text)
+            bar.update(1)
+        else:
+            done = step / self.cfg.trainer.steps
+            log.info("step %d/%d (%.0f%%)  %s", step, self.cfg.trainer.steps, 100 * done, text)
+
+    def _finish(self) -> None:
+        if not self.is_rank0:
+            return
+        hist = [r for r in self.metrics.history if r.get("step", 0) >= 0]
+        print("\n" + summary_table(hist, SUMMARY_KEYS), file=sys.stderr)
+        if self.cfg.logging.plots:
+            path = write_plots(self.run_dir, hist, ["reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy",
+                                                    "adv/zero_var_frac", "loss"])
+            if path:
+                log.info("plots: %s", path)
+        evals = [r["eval/accuracy"] for r in hist if "eval/accuracy" in r]
+        if len(evals) >= 2:
+            log.info("held-out accuracy: %.4f before RL -> %.4f after", evals[0], evals[-1])
+            with open(os.path.join(self.run_dir, "summary.json"), "w") as fh:
+                json.dump({"eval_accuracy_before": evals[0], "eval_accuracy_after": evals[-1],
+                           "steps": self.state.step}, fh, indent=1)
+
+    def close(self) -> None:
+        """Stop engines and workers, close writers, tear down process groups (safe after errors)."""
+        from aapo_megatron.models.parallel import teardown_distributed
+
+        for obj in (self.policy_engine, self.reference_engine, self.reward_pool, self.metrics):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+                    log.warning("shutdown: %s", exc)
+        teardown_distributed()
+
+
+def run_training(cfg: Config) -> int:
+    """Entry point of aapo-train: returns the process exit code."""
+    job = None
+    try:
+        job = TrainingJob(cfg)
+        return job.run()
+    except ConfigError as exc:
+        print(f"aapo-train: config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (TrainingError, CheckpointError) as exc:
+        print(f"aapo-train: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if job is not None:
+            job.close()

@@ -1,0 +1,169 @@
+"""Rank 0's half of an RL step: sample policy and reference responses, score them, compute advantages.
+
+The result is a `RolloutBatch` (token ids + one advantage per sample) that the
+learner ranks train on, plus the step's rollout metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from aapo_megatron.config import Config
+from aapo_megatron.rollout.engine import Completion, RolloutEngine, SamplingSpec
+from aapo_megatron.trainer.batch import RolloutBatch
+
+# Each step's sampling seed is derived from (rollout.seed, step, role), so a resumed run draws the same samples.
+_POLICY_STREAM, _REFERENCE_STREAM, _EVAL_STREAM = 0, 1, 2
+
+
+def step_seed(base: int, step: int, stream: int) -> int:
+    """Deterministic per-step sampling seed (fits in 31 bits)."""
+    return (base * 1_000_003 + step * 7_919 + stream * 104_729) % (2**31 - 1)
+
+
+def sampling_spec(cfg: Config, seed: int, n: Optional[int] = None, greedy: bool = False,
+                  stop_token_ids: Sequence[int] = ()) -> SamplingSpec:
+    """The configured sampling parameters as a `SamplingSpec` (greedy: temperature 0, n=1)."""
+    r = cfg.rollout
+    return SamplingSpec(
+        n=1 if greedy else (n or r.num_generations),
+        temperature=0.0 if greedy else r.temperature,
+        top_p=1.0 if greedy else r.top_p,
+        top_k=-1 if greedy else r.top_k,
+        max_tokens=r.max_new_tokens,
+        stop_token_ids=tuple(stop_token_ids),
+        seed=seed,
+        logprobs=not greedy,
+    )
+
+
+def flatten(groups: list[list[Completion]]) -> list[Completion]:
+    """[B][G] -> [B*G] in group-major order."""
+    return [c for group in groups for c in group]
+
+
+def completion_texts(tokenizer: Any, completions: Sequence[Completion]) -> list[str]:
+    """Decoded completion strings (special tokens dropped)."""
+    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+
+
+def correctness_column(names: Sequence[str]) -> Optional[int]:
+    """Index of the reward function that measures correctness (accuracy or reasoning_gym), if configured."""
+    for preferred in ("accuracy", "reasoning_gym"):
+        if preferred in names:
+            return list(names).index(preferred)
+    return None
+
+
+class RolloutCollector:
+    """Generates, scores and builds the advantages for one batch of prompts (rank 0 only)."""
+
+    def __init__(self, cfg: Config, tokenizer: Any, policy: RolloutEngine, reference: Optional[RolloutEngine],
+                 reward_pool: Any, eos_token_id: int, reference_cache: Any = None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.reference = reference
+        self.reward_pool = reward_pool
+        self.eos = eos_token_id
+        self.reference_cache = reference_cache
+
+    # ------------------------------------------------------------------ generation
+    def _reference_groups(self, prompts: Sequence[Any], step: int, timings: dict) -> list[list[Completion]]:
+        """G reference completions per prompt: fresh from the frozen engine, or from the cache."""
+        G = self.cfg.rollout.num_generations
+        spec = sampling_spec(self.cfg, step_seed(self.cfg.rollout.seed, step, _REFERENCE_STREAM), n=G,
+                             stop_token_ids=[self.eos])
+        t0 = time.perf_counter()
+        if self.cfg.algorithm.reference_rollouts == "cached":
+            keys = [prompt_key(p) for p in prompts]
+            groups = self.reference_cache.get_or_generate(
+                keys, [p.input_ids for p in prompts], lambda ids: self.reference.generate(ids, spec).completions)
+        else:
+            groups = self.reference.generate([p.input_ids for p in prompts], spec).completions
+        timings["time/reference"] = time.perf_counter() - t0
+        return groups
+
+    def collect(self, prompts: Sequence[Any], step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        """Rollouts, rewards and advantages for `prompts` (B Prompt objects) at RL step `step`."""
+        from aapo_megatron.algorithms import compute_advantages
+
+        cfg = self.cfg
+        G = cfg.rollout.num_generations
+        metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
+        spec = sampling_spec(cfg, step_seed(cfg.rollout.seed, step, _POLICY_STREAM), stop_token_ids=[self.eos])
+        policy_out = self.policy.generate([p.input_ids for p in prompts], spec)
+        metrics["time/rollout"] = time.perf_counter() - t0
+        metrics["rollout/weight_version"] = float(policy_out.weight_version)
+        policy = flatten(policy_out.completions)  # [B*G]
+        needs_reference = cfg.algorithm.name == "aapo"
+        reference = flatten(self._reference_groups(prompts, step, metrics)) if needs_reference else []
+
+        samples = [p.reward_sample() for p in prompts for _ in range(G)]
+        t0 = time.perf_counter()
+        texts = completion_texts(self.tokenizer, policy + reference)
+        scored = self.reward_pool.score(texts, samples + samples[: len(reference)],
+                                        num_tokens=[len(c.token_ids) for c in policy + reference])
+        metrics["time/reward"] = time.perf_counter() - t0
+        n = len(policy)
+        rewards, ref_rewards = scored.rewards[:n], (scored.rewards[n:] if reference else None)
+        adv = compute_advantages(rewards, scored.weights, G, cfg.algorithm, ref_rewards=ref_rewards)
+        metrics.update(adv.metrics)
+        metrics.update({k: v for k, v in scored.metrics("reward/").items() if not k.endswith("samples_per_s")})
+        metrics["reward/mean"] = float(adv.rewards.nanmean())
+        if ref_rewards is not None:
+            metrics["reward/ref_mean"] = float(adv.ref_rewards.nanmean())
+        col = correctness_column(scored.names)
+        if col is not None:
+            metrics["train/accuracy"] = float((rewards[:, col] == 1.0).float().mean())
+        lengths = torch.tensor([len(c.token_ids) for c in policy], dtype=torch.float32)
+        metrics["response/len_mean"] = float(lengths.mean())
+        metrics["response/len_max"] = float(lengths.max())
+        metrics["response/truncated_frac"] = float(sum(c.finish_reason == "length" for c in policy) / n)
+        metrics["rollout/tokens"] = float(lengths.sum())
+
+        batch = RolloutBatch(
+            prompt_ids=[list(p.input_ids) for p in prompts for _ in range(G)],
+            completion_ids=[truncate_at_eos(c.token_ids, self.eos) for c in policy],
+            advantages=adv.advantages.float(),
+            rollout_logprobs=[c.logprobs[: len(truncate_at_eos(c.token_ids, self.eos))] for c in policy]
+            if all(c.logprobs is not None for c in policy) else None,
+        )
+        return batch, metrics
+
+
+def truncate_at_eos(token_ids: Sequence[int], eos: int) -> list[int]:
+    """Tokens up to and including the first EOS (the completion mask of DESIGN.md section 1)."""
+    ids = list(token_ids)
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def prompt_key(prompt: Any) -> str:
+    """Stable identity of a prompt for the reference cache: its token ids."""
+    return ",".join(map(str, prompt.input_ids))
+
+
+def evaluate(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Any], reward_pool: Any, cfg: Config,
+             eos_token_id: int) -> dict[str, float]:
+    """Greedy decoding on held-out prompts; accuracy = mean correctness reward (1.0 = correct)."""
+    t0 = time.perf_counter()
+    spec = sampling_spec(cfg, seed=0, greedy=True, stop_token_ids=[eos_token_id])
+    out = engine.generate([p.input_ids for p in prompts], spec)
+    completions = flatten(out.completions)
+    scored = reward_pool.score(completion_texts(tokenizer, completions), [p.reward_sample() for p in prompts],
+                               num_tokens=[len(c.token_ids) for c in completions])
+    col = correctness_column(scored.names)
+    total = scored.total()
+    metrics = {
+        "eval/reward": float(total.nanmean()) if len(total) else math.nan,
+        "eval/len_mean": float(sum(len(c.token_ids) for c in completions) / max(1, len(completions))),
+        "eval/seconds": time.perf_counter() - t0,
+    }
+    if col is not None:
+        metrics["eval/accuracy"] = float((scored.rewards[:, col] == 1.0).float().mean())
+    return metrics

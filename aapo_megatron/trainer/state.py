@@ -1,0 +1,99 @@
+"""What a training checkpoint holds, and how it is written and read inside a checkpoint directory.
+
+    <step dir>/model/            Megatron dist checkpoint (torch_dist) of the policy and its optimizer
+    <step dir>/trainer.pt        rank 0: step, LR scheduler, data sampler, counters, reference cache, config
+    <step dir>/rng/rank_XXXXX.pt every rank's RNG states (python, numpy, torch)
+
+The directory itself is made atomic and verified by `trainer.checkpoint.CheckpointManager`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MODEL_DIR = "model"
+TRAINER_FILE = "trainer.pt"
+RNG_DIR = "rng"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states captured by `rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    if len(model_chunks) == 1:
+        return model_chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def save_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], optimizer=None) -> None:
+    """Collective: write the policy (and optimizer state) as a Megatron dist checkpoint under `path`."""
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(path, exist_ok=True)
+    state = {"model": _model_sharded_state_dict(model_chunks)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    dist_checkpointing.save(state, path)
+
+
+def load_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], optimizer=None) -> None:
+    """Collective: load what `save_model_and_optimizer` wrote, into models built with any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    state = {"model": _model_sharded_state_dict(model_chunks)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
+    loaded = dist_checkpointing.load(state, path)
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(loaded["model"][f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
+def save_rng(step_dir: str) -> None:
+    """Every rank writes its RNG states."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    os.makedirs(os.path.join(step_dir, RNG_DIR), exist_ok=True)
+    torch.save(rng_state(), os.path.join(step_dir, RNG_DIR, f"rank_{rank:05d}.pt"))
+
+
+def load_rng(step_dir: str) -> None:
+    """Every rank restores its RNG states (a missing file means the world size changed: keep the current ones)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.path.join(step_dir, RNG_DIR, f"rank_{rank:05d}.pt")
+    if os.path.isfile(path):
+        set_rng_state(torch.load(path, weights_only=False))
+
+
+def save_trainer_state(step_dir: str, state: dict[str, Any]) -> None:
+    """Rank 0 writes the trainer's own state (small)."""
+    torch.save(state, os.path.join(step_dir, TRAINER_FILE))
+
+
+def load_trainer_state(step_dir: str) -> Optional[dict[str, Any]]:
+    """The trainer state of a checkpoint, or None if it has none."""
+    path = os.path.join(step_dir, TRAINER_FILE)
+    return torch.load(path, weights_only=False) if os.path.isfile(path) else None

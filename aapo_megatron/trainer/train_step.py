@@ -1,0 +1,131 @@
+"""One optimizer update over a slice of rollouts, through Megatron's forward-backward schedule.
+
+Per micro-batch [b, S]: the model produces vocab-parallel logits [b, S, V/tp];
+the fused log-prob op turns them into token log-probs [b, S] (TP collectives on
+the tensor-parallel group); the configured policy loss returns the token SUM of
+the loss and the token count. Megatron (calculate_per_token_loss) divides the
+gradients by the step's total token count across micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from aapo_megatron.trainer.batch import MicroBatch
+from aapo_megatron.trainer.optim import UpdateResult, guarded_update
+
+# loss_fn(logprobs [b, S], entropy [b, S], micro_batch) -> (token-summed loss (scalar), {name: token-summed metric})
+LossFn = Callable[[torch.Tensor, torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# logprob_fn(logits [b, S, V/tp], targets [b, S], tp_group) -> (logprobs [b, S], entropy [b, S]), differentiable
+LogprobFn = Callable[[torch.Tensor, torch.Tensor, Optional[dist.ProcessGroup]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StepStats:
+    """Token-mean statistics of one update (reduced over micro-batches and data-parallel ranks)."""
+
+    loss: float
+    """Token-mean loss."""
+    num_tokens: int
+    """Completion tokens in the update, all DP ranks."""
+    update: UpdateResult
+    """Whether the update was applied, grad norm, LR."""
+    metrics: dict[str, float]
+    """Token means of the loss function's extra metrics (e.g. entropy, clip fraction, KL)."""
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, S, S] bool, True = masked (Megatron's convention); right padding needs nothing more."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(diagonal=1)[None, None]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_update(
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    micro_batches: list[MicroBatch],
+    loss_fn: LossFn,
+    logprob_fn: LogprobFn,
+    clip_grad: float,
+) -> StepStats:
+    """Forward/backward over `micro_batches` (this DP rank's share), then one guarded optimizer step."""
+    if not micro_batches:
+        raise ValueError("run_update: this data-parallel rank received no micro-batches")
+    device = _device()
+    rows, seq_len = micro_batches[0].tokens.shape
+    mask = causal_mask(seq_len, device)
+    tp_group = ps.get_tensor_model_parallel_group()
+    sums: dict[str, torch.Tensor] = {}
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model):
+        mb = next(data_iterator)
+        tokens = mb.tokens.to(device, non_blocking=True)
+        positions = mb.position_ids.to(device, non_blocking=True)
+        output = model(tokens, positions, mask)  # last stage: logits [b, S, V/tp]; else hidden states
+
+        def loss_func(logits: torch.Tensor):
+            targets = mb.targets.to(device)
+            logp, entropy = logprob_fn(logits, targets, tp_group)  # [b, S] each
+            loss_sum, extra = loss_fn(logp, entropy, _to_device(mb, device))
+            num_tokens = mb.loss_mask.sum().to(device=device, dtype=torch.int)
+            report = {"loss": loss_sum.detach().float(), **{k: v.detach().float() for k, v in extra.items()}}
+            for k, v in report.items():
+                sums[k] = sums.get(k, torch.zeros((), device=device)) + v
+            return loss_sum, num_tokens, report
+
+        return output, loss_func
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=model_chunks[0] if len(model_chunks) == 1 else model_chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_len,
+        micro_batch_size=rows,
+        forward_only=False,
+    )
+    update = guarded_update(optimizer, scheduler, clip_grad)
+    return StepStats(update=update, **_reduce_stats(sums, micro_batches, device))
+
+
+def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    if device.type == "cpu":
+        return mb
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return MicroBatch(*(move(getattr(mb, f)) for f in MicroBatch.__dataclass_fields__))
+
+
+def _reduce_stats(sums: dict[str, torch.Tensor], micro_batches: list[MicroBatch], device) -> dict:
+    """Token means over the whole update: sum over DP ranks, then make them visible on every PP stage."""
+    keys = sorted(sums) if sums else []
+    # Only the last pipeline stage computed losses; broadcast the key list so every rank agrees.
+    obj = [keys]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(obj, src=last, group=ps.get_pipeline_model_parallel_group())
+    keys = obj[0]
+    local_tokens = float(sum(mb.loss_mask.sum().item() for mb in micro_batches))
+    vec = torch.tensor([local_tokens] + [float(sums[k]) if k in sums else 0.0 for k in keys],
+                       dtype=torch.float64, device=device)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    dist.all_reduce(vec, group=ps.get_data_parallel_group())
+    total = vec[0].item()
+    means = {k: (vec[i + 1].item() / total if total > 0 else math.nan) for i, k in enumerate(keys)}
+    loss = means.pop("loss", math.nan)
+    return {"loss": loss, "num_tokens": int(total), "metrics": means}

@@ -136,7 +136,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
     with atomic_output_dir(out_dir, force, inputs=(hf_dir,)) as tmp:
         results = run_workers(_hf_to_mcore_worker, workers, (reader.hf_dir, tmp, dtype, progress))
         write_checkpoint_metadata(
-            tmp, reader.config, dtype, reader.hf_dir, tuple(reader.carried_files()),
+            tmp, reader.config, dtype, reader.hf_dir, ("config.json", *reader.carried_files()),
             extra={"source": reader.hf_dir, "workers": workers},
         )
     return ConversionResult(

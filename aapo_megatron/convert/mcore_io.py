@@ -39,7 +39,7 @@ def is_mcore_checkpoint(path: str) -> bool:
 def write_checkpoint_metadata(ckpt_dir: str, hf_config: dict[str, Any], dtype: str,
                               hf_files_dir: Optional[str] = None, hf_files: tuple[str, ...] = (),
                               extra: Optional[dict[str, Any]] = None) -> None:
-    """Write aapo_checkpoint.json and hf/config.json (+ copies of `hf_files` from `hf_files_dir`) into ckpt_dir."""
+    """Write aapo_checkpoint.json and hf/config.json, then copy `hf_files` (may include config.json) from hf_files_dir."""
     from aapo_megatron.convert.hf_io import copy_files, write_config
 
     spec = ArchSpec.from_hf_config(hf_config)

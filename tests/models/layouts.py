@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.distributed import run_ranks
-from tests.models.tiny_hf import KINDS, gather_vocab, hf_state_dict, padded_batch, pipeline_forward, tiny_hf_model
+from tests.models.tiny_hf import KINDS, ODD_VOCAB_KIND, gather_vocab, hf_state_dict, padded_batch, pipeline_forward, tiny_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 LAYOUT_IDS = ["tp1", "tp2", "pp2"]
@@ -30,7 +30,7 @@ def _layout_body(rank: int, world_size: int, tp: int, pp: int) -> dict:
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     seed_everything(1234)
-    out = {"parity": {kind: _parity_one(kind) for kind in KINDS}}
+    out = {"parity": {kind: _parity_one(kind) for kind in KINDS + (ODD_VOCAB_KIND,)}}
     out["foundation"] = _foundation_one(rank)
     teardown_distributed()
     if rank == 0:
@@ -65,7 +65,8 @@ def _parity_one(kind: str) -> dict:
         back = gather_hf_state_dict(model, mapping)
     roundtrip_ok = back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
-    result = {"roundtrip_ok": roundtrip_ok, "layout": current_layout(), "max_diff": None}
+    result = {"roundtrip_ok": roundtrip_ok, "layout": current_layout(), "max_diff": None,
+              "vocab_rows": model.vocab_size}
     if logits is not None:
         full = gather_vocab(logits, spec.vocab_size)  # [B, S, V]
         with torch.no_grad():

@@ -13,6 +13,8 @@ _COMMON = dict(
 )
 
 KINDS = ("llama", "qwen2_untied", "qwen2_tied", "qwen3")
+# Vocab 97: Megatron pads the vocab-parallel embedding/output to 98 rows at TP=2.
+ODD_VOCAB_KIND = "qwen2_tied_vocab97"
 
 
 def tiny_hf_config(kind: str):
@@ -29,6 +31,9 @@ def tiny_hf_config(kind: str):
             rope_theta=10000.0,
         )
         cfg.architectures = ["LlamaForCausalLM"]
+    elif kind == ODD_VOCAB_KIND:
+        cfg = Qwen2Config(**{**_COMMON, "vocab_size": 97}, tie_word_embeddings=True, rope_theta=1000000.0)
+        cfg.architectures = ["Qwen2ForCausalLM"]
     elif kind.startswith("qwen2"):
         cfg = Qwen2Config(**_COMMON, tie_word_embeddings=kind == "qwen2_tied", rope_theta=1000000.0)
         cfg.architectures = ["Qwen2ForCausalLM"]

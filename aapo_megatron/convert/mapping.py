@@ -365,6 +365,40 @@ class WeightMapping:
                                    f"expected {expected} at tp={tp_size}")
         return unshard_tensor(shards, g.tp_layout, self.spec.vocab_size)
 
+    def hf_split_dim(self, hf_name: str) -> Optional[int]:
+        """Dim along which an HF tensor is split across TP ranks (0: column/vocab, 1: row), None if replicated."""
+        layout = self.group_of_hf(hf_name).tp_layout
+        return None if layout == "replicated" else (1 if layout == "row" else 0)
+
+    def shard_to_hf(self, megatron_name: str, shard: torch.Tensor, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+        """TP rank's slices of the HF tensors from its Megatron shard (no communication; see `hf_split_dim`).
+
+        Each HF slice is the contiguous `tp_rank`-th chunk of the HF tensor along `hf_split_dim`
+        (vocab: rows [r * Vp/tp, ...) without padding rows). Concatenating the slices of all ranks gives the HF tensor.
+        """
+        g = self.group(megatron_name)
+        s = self.spec
+        expected = self.megatron_shape(megatron_name, tp_size)
+        if tuple(shard.shape) != expected:
+            raise MappingError(f"TP shard of {megatron_name!r} has shape {tuple(shard.shape)}, "
+                               f"expected {expected} at tp={tp_size}")
+        if g.tp_layout == "vocab":
+            start = tp_rank * expected[0]
+            return {g.hf_names[0]: shard[: max(0, min(expected[0], s.vocab_size - start))]}
+        if g.converter == "copy":
+            return {g.hf_names[0]: shard}
+        if g.converter == "fc1":
+            gate, up = shard.chunk(2, dim=0)
+            return {g.hf_names[0]: gate, g.hf_names[1]: up}
+        ng, hpg, d = s.num_key_value_heads // tp_size, s.heads_per_group, s.head_dim
+        tail = shard.shape[1:]
+        q, k, v = shard.reshape(ng, (hpg + 2) * d, *tail).split([hpg * d, d, d], dim=1)
+        return {
+            g.hf_names[0]: q.reshape(ng * hpg * d, *tail),
+            g.hf_names[1]: k.reshape(ng * d, *tail),
+            g.hf_names[2]: v.reshape(ng * d, *tail),
+        }
+
     # ------------------------------------------------------------------ pipeline parallelism
 
     def layer_range(self, pp_rank: int, pp_size: int) -> range:

@@ -213,3 +213,23 @@ def test_free_functions_match_layout_names():
     assert torch.equal(unshard_tensor([shard_tensor(full, "row", r, 2) for r in range(2)], "row"), full)
     with pytest.raises(MappingError, match=r"tensor-parallel rank 2 out of range \[0, 2\)"):
         shard_tensor(full, "column", 2, 2)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("kind", KINDS + ("llama_vocab97",))
+def test_shard_to_hf_gives_contiguous_hf_slices(kind, tp):
+    """Per-rank HF slices (for a TP-matched inference engine) concatenate back to the HF tensors."""
+    spec = _spec("llama", vocab_size=97, num_key_value_heads=4) if kind == "llama_vocab97" else _spec(kind, num_key_value_heads=4)
+    mapping = WeightMapping(spec)
+    hf = _random_hf(mapping)
+    mc = mapping.hf_to_megatron(hf)
+    pieces: dict[str, list] = {}
+    for name, full in mc.items():
+        for r in range(tp):
+            for hf_name, t in mapping.shard_to_hf(name, mapping.shard(name, full, r, tp), r, tp).items():
+                pieces.setdefault(hf_name, []).append(t)
+    assert sorted(pieces) == sorted(hf)
+    for hf_name, parts in pieces.items():
+        dim = mapping.hf_split_dim(hf_name)
+        got = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        assert torch.equal(got, hf[hf_name]), hf_name

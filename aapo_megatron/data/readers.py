@@ -43,7 +43,7 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, RowOrError]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.strip())
             except json.JSONDecodeError as exc:
                 yield lineno, f"invalid JSON ({exc.msg} at column {exc.colno})"
                 continue

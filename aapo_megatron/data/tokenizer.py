@@ -137,3 +137,21 @@ def corpus_texts(cfg: DataConfig) -> list[str]:
         if isinstance(answer, (str, int, float)):
             texts.append(str(answer))
     return texts
+
+
+def tokenizer_for_config(cfg: Any, out_dir: str) -> Any:
+    """The run's tokenizer: model.tokenizer, else a trained one in `out_dir` (data.train_tokenizer; reused on resume), else model.path."""
+    if cfg.model.tokenizer:
+        return load_tokenizer(cfg.model.tokenizer)
+    if cfg.data.train_tokenizer:
+        vocab = cfg.model.scratch.vocab_size
+        if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+            tok = load_tokenizer(out_dir)
+        else:
+            tok = train_sentencepiece_tokenizer(corpus_texts(cfg.data), out_dir, vocab_size=vocab)
+        if len(tok) > vocab:
+            raise DataError(f"tokenizer in {out_dir} has {len(tok)} tokens, more than model.scratch.vocab_size={vocab}")
+        return tok
+    if cfg.model.path:
+        return load_tokenizer(cfg.model.path)
+    raise DataError("no tokenizer: set model.tokenizer or model.path, or data.train_tokenizer=true for a scratch model")

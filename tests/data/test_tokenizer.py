@@ -81,3 +81,28 @@ def test_an_hf_model_dir_carries_the_tokenizer(tmp_path, tokenizer):
     out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
     assert tok.decode(out[0, : ids.shape[1]], skip_special_tokens=True) == "User: What is 2 + 2?\nAssistant:"
+
+
+def test_tokenizer_for_config_trains_once_then_reuses(tmp_path):
+    from aapo_megatron.config import load_config
+    from aapo_megatron.data import tokenizer_for_config
+
+    cfg = load_config(None, ["data.source=reasoning_gym", "data.reasoning_gym_task=chain_sum", "data.train_size=300",
+                             "data.train_tokenizer=true", "model.scratch.vocab_size=320"])
+    out = tmp_path / "run" / "tokenizer"
+    tok = tokenizer_for_config(cfg, str(out))
+    assert 281 < len(tok) <= 320 and (out / "tokenizer.json").is_file()
+    stamp = (out / "tokenizer.json").stat().st_mtime_ns
+    again = tokenizer_for_config(cfg, str(out))  # resume: the same tokenizer, not retrained
+    assert (out / "tokenizer.json").stat().st_mtime_ns == stamp and again.get_vocab() == tok.get_vocab()
+    q = "State the final answer to the following arithmetic problem: 12 + 7 ="
+    assert tok.decode(tok.encode(q, add_special_tokens=False)) == q
+    cfg.model.scratch.vocab_size = 290
+    with pytest.raises(DataError, match=f"tokenizer in .*tokenizer has {len(tok)} tokens, more than "
+                                        "model.scratch.vocab_size=290"):
+        tokenizer_for_config(cfg, str(out))
+    cfg.data.train_tokenizer = False
+    with pytest.raises(DataError, match="no tokenizer: set model.tokenizer or model.path, or data.train_tokenizer=true"):
+        tokenizer_for_config(cfg, str(out))
+    cfg.model.tokenizer = str(out)
+    assert tokenizer_for_config(cfg, "unused").get_vocab() == tok.get_vocab()

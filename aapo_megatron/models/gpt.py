@@ -98,9 +98,10 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not cuda,
-        # Fusions need CUDA kernels (apex / TE); the unfused paths are exact.
+        # Fusions need CUDA (torch.jit kernels); the unfused paths are exact. The masked-softmax kernel is
+        # Megatron-LM's separately built extension (not in megatron-core), and TE attention does not use it.
         bias_activation_fusion=cuda,
-        masked_softmax_fusion=cuda,
+        masked_softmax_fusion=False,
         bias_dropout_fusion=cuda,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -205,6 +206,8 @@ def attention_mask_and_position_ids(padding_mask: torch.Tensor) -> tuple[torch.T
 
     `padding_mask` is 1/True on real tokens; left, right or mixed padding. Positions count real
     tokens only (the first real token is position 0); a padded key is never attended to.
+    Note: Megatron's Transformer Engine layer spec is causal-only and ignores this mask, so on the
+    GPU/TE path batches must be right-padded (real tokens first); the local spec (CPU) applies it.
     """
     if padding_mask.dim() != 2:
         raise ValueError(f"padding_mask must be [batch, seq], got shape {tuple(padding_mask.shape)}")

@@ -1,0 +1,46 @@
+"""Resolve a run config the way aapo-train will, for the Slurm launcher (slurm/common.sh).
+
+    python slurm/resolve_config.py --config FILE [--set section.key=value ...] [other trainer args, ignored]
+
+Prints KEY=VALUE lines (placement, tp, pp, run_dir, ckpt_dir, server_url, reference_server_url) and exits 0,
+or prints the ConfigError naming the bad key and exits 2, before any rank or GPU is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the trainer-style arguments, load + validate the config, print the launcher's values."""
+    parser = argparse.ArgumentParser(prog="resolve_config.py", add_help=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args, _ = parser.parse_known_args(argv)
+    sys.path.insert(0, os.getcwd())
+    from aapo_megatron.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error in {args.config}: {exc}", file=sys.stderr)
+        return 2
+    run_dir = cfg.trainer.run_dir
+    values = {
+        "placement": cfg.rollout.placement,
+        "tp": cfg.parallel.tensor_model_parallel_size,
+        "pp": cfg.parallel.pipeline_model_parallel_size,
+        "run_dir": run_dir,
+        "ckpt_dir": cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"),
+        "server_url": cfg.rollout.server_url or "",
+        "reference_server_url": cfg.rollout.reference_server_url or "",
+    }
+    for key, value in values.items():
+        print(f"{key}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

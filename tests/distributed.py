@@ -15,6 +15,8 @@ exception on any rank fails the caller with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
+import queue as queue_module
 import socket
 import traceback
 from typing import Any, Callable, Sequence
@@ -45,7 +47,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: Sequence[A
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         result = fn(rank, world_size, *args)
-        queue.put((rank, True, result))
+        # Plain pickle (by value): the multiprocessing queue would share tensors through file
+        # descriptors that die with this process.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -81,12 +85,12 @@ def run_ranks(
         for _ in range(world_size):
             try:
                 rank, ok, payload = queue.get(timeout=timeout_s)
-            except Exception as exc:  # queue.Empty
+            except queue_module.Empty as exc:
                 raise TimeoutError(
                     f"distributed test timed out after {timeout_s:.0f}s; finished ranks: {sorted(results)}"
                 ) from exc
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 failures.append(f"--- rank {rank} ---\n{payload}")
                 break  # other ranks are likely blocked in a collective

@@ -10,19 +10,21 @@ _GSM8K_MARK = "####"
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last balanced \\boxed{...} (or \\fbox{...}) in `text`, or None."""
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth = 1
-        for pos in range(start, len(text)):
-            ch = text[pos]
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:pos].strip()
-        # Unbalanced (truncated) box: try an earlier one.
+    """Content of the last balanced \\boxed{...} (or \\fbox{...}) in `text`, or None. Linear in len(text)."""
+    starts = [m.end() - 1 for m in _BOXED.finditer(text)]  # positions of the opening braces
+    if not starts:
+        return None
+    closing: dict[int, int] = {}  # opening brace -> its closing brace
+    stack: list[int] = []
+    for pos in range(starts[0], len(text)):
+        ch = text[pos]
+        if ch == "{":
+            stack.append(pos)
+        elif ch == "}" and stack:
+            closing[stack.pop()] = pos
+    for start in reversed(starts):  # an unbalanced (truncated) last box falls back to an earlier one
+        if start in closing:
+            return text[start + 1 : closing[start]].strip()
     return None
 
 

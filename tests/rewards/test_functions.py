@@ -65,6 +65,8 @@ def test_answer_extraction():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b \\fbox{x^{2}}") == "x^{2}"
     assert last_boxed("\\boxed{1} and \\boxed{2") == "1"
     assert last_boxed("no box") is None
+    assert last_boxed("\\boxed{1} " + "\\boxed{" * 5000) == "1"  # a degenerate, looping completion
+    assert last_boxed("\\boxed {3}") == "3"
     assert gold_answer("Total: 5 + 7 = 12\n#### 1,012") == "1012"
     assert gold_answer("so $\\boxed{\\{1, 2\\}}$") == "\\{1, 2\\}"
     assert gold_answer(42) == "42"

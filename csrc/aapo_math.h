@@ -148,13 +148,13 @@ AAPO_HD inline float token_logprob(float target_logit, float logz) { return targ
 AAPO_HD inline float softmax_entropy(SoftmaxStats s) { return logf(s.sumexp) - s.sum_pd / s.sumexp; }
 
 // d/dx_j of (g_logp * log p(target) + g_ent * H) for one logit:
-//   p_j * (g_logp - g_ent * (x_j - log Z + H)) - g_logp * [j == target],   p_j = exp(x_j - log Z).
+//   g_logp * [j == target] - p_j * (g_logp + g_ent * (log p_j + H)),   p_j = exp(x_j - log Z).
 // `p` is exp(x - logz) (computed by the caller, possibly with a vectorised exp).
 AAPO_HD inline float logprob_entropy_grad(float x, float p, bool is_target, float logz, float entropy, float g_logp,
                                           float g_ent) {
   const float logp_j = finite_shift(x, logz);
-  const float g = p * (g_logp - g_ent * (logp_j + entropy));
-  return is_target ? g - g_logp : g;
+  const float g = -p * (g_logp + g_ent * (logp_j + entropy));
+  return is_target ? g + g_logp : g;
 }
 
 }  // namespace math

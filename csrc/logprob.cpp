@@ -4,7 +4,7 @@
 //   logprob_shard_stats     one read: per row of this rank's shard, (max, sumexp, sum_pd, target logit)
 //                           (sumexp/sum_pd relative to the shard max, see aapo_math.h). The TP all-reduces and
 //                           the finalisation (log Z, log p, H) run in Python on an explicitly passed group.
-//   logprob_shard_backward  one read + one write: grad = p * (g_logp - g_ent * (log p_j + H)) - g_logp * onehot,
+//   logprob_shard_backward  one read + one write: grad = g_logp * onehot - p * (g_logp + g_ent * (log p_j + H)),
 //                           written to `grad_out`, which may be the logits buffer itself (in-place backward).
 //   logprob_fused_fwd_bwd   TP=1 with dL/dlogp known before the forward: stats then gradient per row while the
 //                           row is still in cache (one DRAM read + one write in total).
@@ -129,20 +129,20 @@ void row_grad(const scalar_t* x, scalar_t* out, int64_t v, int64_t target_local,
   // Read the target logit first: `out` may alias `x` (in-place backward).
   const float x_target = target_local >= 0 ? static_cast<float>(x[target_local]) : 0.f;
   const int64_t nvec = v - v % kChunk;
-  const Vec lz(logz), gl(g_logp), ge(g_ent), hv(entropy), lo(-FLT_MAX);
+  const Vec lz(logz), ngl(-g_logp), ge(g_ent), hv(entropy), lo(-FLT_MAX);
   Vec a, b;
   if (with_entropy) {
     for (int64_t j = 0; j < nvec; j += kChunk) {
       load2(x + j, a, b);
       const Vec d0 = at::vec::maximum(a - lz, lo), d1 = at::vec::maximum(b - lz, lo);
       const Vec q0 = d0.exp_u20(), q1 = d1.exp_u20();
-      store2(out + j, q0 * (gl - ge * (d0 + hv)), q1 * (gl - ge * (d1 + hv)));
+      store2(out + j, q0 * (ngl - ge * (d0 + hv)), q1 * (ngl - ge * (d1 + hv)));
     }
   } else {
     for (int64_t j = 0; j < nvec; j += kChunk) {
       load2(x + j, a, b);
       const Vec q0 = at::vec::maximum(a - lz, lo).exp_u20(), q1 = at::vec::maximum(b - lz, lo).exp_u20();
-      store2(out + j, q0 * gl, q1 * gl);
+      store2(out + j, q0 * ngl, q1 * ngl);
     }
   }
   const float g_e = with_entropy ? g_ent : 0.f;
@@ -286,7 +286,7 @@ void logprob_shard_backward(const at::Tensor& logits, const at::Tensor& target, 
   });
 }
 
-// TP=1, full vocabulary: stats [N, 4] as above, and grad_out = grad_logp[:, None] * (softmax - onehot), row by row.
+// TP=1, full vocabulary: stats [N, 4] as above, and grad_out = grad_logp[:, None] * (onehot - softmax), row by row.
 at::Tensor logprob_fused_fwd_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_logp,
                                  const at::Tensor& grad_out) {
   const char* op = "logprob_fused_fwd_bwd";

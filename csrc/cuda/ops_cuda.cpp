@@ -241,7 +241,7 @@ void logprob_shard_backward(const at::Tensor& logits, const at::Tensor& target, 
       with_ent ? ge.data_ptr<float>() : nullptr, grad_out.data_ptr(), out_stride, current_stream(logits)));
 }
 
-// TP=1, full vocabulary: stats [N, 4] as above, and grad_out = grad_logp[:, None] * (softmax - onehot), row by row.
+// TP=1, full vocabulary: stats [N, 4] as above, and grad_out = d(grad_logp * log p(target)) / d logits, row by row.
 at::Tensor logprob_fused_fwd_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& grad_logp,
                                  const at::Tensor& grad_out) {
   const char* op = "logprob_fused_fwd_bwd";

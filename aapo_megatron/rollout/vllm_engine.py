@@ -204,6 +204,49 @@ class VLLMRolloutEngine(RolloutEngine):
             self.last_sync = stats
             return new_version
 
+    # ------------------------------------------------------------------ file-based update session (server)
+
+    def begin_update(self, timeout_s: Optional[float] = None) -> None:
+        """Take the engine lock and start a reload session; generate calls wait until commit/abort."""
+        if self.role == "reference":
+            raise RolloutError("the reference engine is frozen; it accepts no weight updates")
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            raise WeightSyncError(f"weight update: stage 'begin' could not take the engine lock within {timeout_s} s")
+        try:
+            self.llm.collective_rpc("aapo_begin_weight_update", timeout=self.timeout_s)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._broken = ("policy engine weights are incomplete: a weight update session was aborted midway; "
+                        "complete an update before generating")
+
+    def load_file(self, path: str) -> int:
+        """Load one safetensors bucket (HF names) inside a session; returns its tensor count."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weight bucket file not found: {path}")
+        return int(self.llm.collective_rpc("aapo_load_weights_file", timeout=self.timeout_s, args=(path,))[0])
+
+    def commit_update(self, version: Optional[int] = None) -> int:
+        """Finish the session, bump the weight version, release the lock; returns the new version."""
+        try:
+            new_version = self._version + 1 if version is None else int(version)
+            self.llm.collective_rpc("aapo_finish_weight_update", timeout=self.timeout_s)
+            if new_version <= self._version:
+                raise ValueError(f"weight version must increase: current {self._version}, got {new_version}")
+            self.llm.reset_prefix_cache()
+            self._broken = None
+            self._version = new_version
+            return new_version
+        finally:
+            self._lock.release()
+
+    def abort_update(self) -> None:
+        """Close the session without bumping the version (the engine refuses to generate until a full update)."""
+        try:
+            self.llm.collective_rpc("aapo_finish_weight_update", timeout=self.timeout_s)
+        finally:
+            self._lock.release()
+
     def weight_checksum(self) -> float:
         """Sum of |w| over the engine's parameters (tests use it to see whether weights changed)."""
         with self._lock:

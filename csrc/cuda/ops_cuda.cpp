@@ -20,7 +20,9 @@ namespace cuda_ops {
 
 namespace {
 
-cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
 
 void check_same_device(const at::Tensor& t, const at::Tensor& anchor, const char* op, const char* name,
                        const char* anchor_name) {

@@ -230,7 +230,9 @@ int run_logprob(char** argv) {
       const int64_t tl = target[i] - vocab_start;
       const int64_t tlb = (tl >= 0 && tl < v) ? tl : -1;
       const float h = has_ent ? entropy[i] : 0.f, ge = has_ent ? grad_ent[i] : 0.f;
-      for (int t = 0; t < kThreads; ++t) ac::thread_row_grad(row, row, v, tlb, logz[i], h, grad_logp[i], ge, t, kThreads);
+      for (int t = 0; t < kThreads; ++t) {
+        ac::thread_row_grad(row, row, v, tlb, logz[i], h, grad_logp[i], ge, t, kThreads);
+      }
       for (int64_t j = 0; j < v; ++j) grad_inplace[i * v + j] = ac::to_float(row[j]);
     }
   }

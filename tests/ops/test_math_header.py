@@ -193,6 +193,15 @@ def _torch_logprob_entropy(x: torch.Tensor, target: torch.Tensor):
     return lp.gather(1, target[:, None]).squeeze(1), ent
 
 
+def _assert_grad_close(grad: torch.Tensor, want: torch.Tensor, dtype) -> None:
+    """Gradient [N, V] vs an fp64 autograd reference. Row 2 sits at +1e4, where a float32 log Z carries up to half
+    an ulp(1e4) ~ 5e-4 of rounding, so p_j there is only good to ~5e-4 relative (an fp32 limit of the log Z input)."""
+    rtol = 2e-4 if dtype == torch.float32 else 2**-7
+    rows = [i for i in range(grad.size(0)) if i != 2]
+    torch.testing.assert_close(grad[rows], want[rows], rtol=rtol, atol=1e-5)
+    torch.testing.assert_close(grad[2], want[2], rtol=max(rtol, 1e-3), atol=5e-4)
+
+
 LOGPROB_CASES = [
     # (dtype, N, V, row stride, element offset of row 0, vocab_start, vocab_size)
     (torch.float32, 6, 1003, 1003, 0, 0, 1003),  # full vocabulary, rows drift out of 16-byte alignment
@@ -273,7 +282,7 @@ def test_logprob_block_decomposition(checker, tmp_path, dtype, n, v, stride, off
         want = xd.grad.float()
         if dtype == torch.bfloat16:
             want = want.to(torch.bfloat16).float()
-        torch.testing.assert_close(grad, want, rtol=2e-4 if dtype == torch.float32 else 2**-7, atol=1e-5)
+        _assert_grad_close(grad, want, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -310,4 +319,4 @@ def test_fused_forward_backward_matches_cpu_op(checker, tmp_path, dtype):
     logp = stats[:, 3] - (stats[:, 0] + stats[:, 1].log())
     torch.testing.assert_close(logp, lp.detach().float(), rtol=1e-5, atol=1e-4)
     want = xd.grad.float() if dtype == torch.float32 else xd.grad.float().to(torch.bfloat16).float()
-    torch.testing.assert_close(grad, want, rtol=2e-4 if dtype == torch.float32 else 2**-7, atol=1e-5)
+    _assert_grad_close(grad, want, dtype)

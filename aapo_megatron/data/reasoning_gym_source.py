@@ -30,7 +30,9 @@ def generate_reasoning_gym(task: str, args: dict[str, Any], size: int, seed: int
         raise DataError(f"unknown reasoning-gym task {task!r}{hint}; {len(DATASETS)} tasks are available")
     for reserved in ("size", "seed"):
         if reserved in args:
-            raise DataError(f"data.reasoning_gym_args must not set {reserved!r}; use data.train_size/eval_size and data.seed")
+            raise DataError(
+                f"data.reasoning_gym_args must not set {reserved!r}; use data.train_size/eval_size and data.seed"
+            )
     try:
         dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **args)
     except (TypeError, AssertionError, ValueError) as exc:

@@ -140,7 +140,10 @@ def corpus_texts(cfg: DataConfig) -> list[str]:
 
 
 def tokenizer_for_config(cfg: Any, out_dir: str) -> Any:
-    """The run's tokenizer: model.tokenizer, else a trained one in `out_dir` (data.train_tokenizer; reused on resume), else model.path."""
+    """The run's tokenizer: model.tokenizer, else one trained into `out_dir` (data.train_tokenizer), else model.path.
+
+    A tokenizer already in `out_dir` is reused (resume) instead of retrained.
+    """
     if cfg.model.tokenizer:
         return load_tokenizer(cfg.model.tokenizer)
     if cfg.data.train_tokenizer:

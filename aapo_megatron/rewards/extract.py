@@ -42,7 +42,7 @@ def completion_answer(completion: str, answer_tag: Optional[str] = None) -> Opti
 
 
 def gold_answer(answer: object) -> str:
-    """Reduce a ground-truth column to the answer: GSM8K "... #### 1,234" -> "1234", a worked solution -> its last \\boxed{}."""
+    """Reduce a ground-truth value to the answer: GSM8K "... #### 1,234" -> "1234"; a solution -> its last \\boxed{}."""
     text = str(answer).strip()
     if _GSM8K_MARK in text:
         return text.rsplit(_GSM8K_MARK, 1)[1].strip().replace(",", "")

@@ -16,7 +16,10 @@ import aapo_megatron.rewards.equivalence  # noqa: F401,E402
 
 @register_reward("accuracy")
 def accuracy(x: RewardInput) -> float:
-    """1.0 if the final answer (tag or last \\boxed{}) equals sample["answer"] under math-verify, else 0.0; NaN without a parseable answer."""
+    """1.0 if the final answer (tag or last \\boxed{}) equals sample["answer"] under math-verify, else 0.0.
+
+    NaN when the sample has no parseable ground truth.
+    """
     return x.correct()
 
 
@@ -36,7 +39,11 @@ def format_reward(x: RewardInput) -> float:
 
 
 def cosine_length_value(correct: bool, length: float, cfg: Any) -> float:
-    """The open-rs cosine curve: correct answers fall from max_value_correct (length 0) to min_value_correct (max_len); wrong ones go from min_value_wrong to max_value_wrong."""
+    """The open-rs cosine curve at `length` (chars or tokens).
+
+    Correct answers fall from max_value_correct (length 0) to min_value_correct (max_len); wrong ones go
+    from min_value_wrong (length 0) to max_value_wrong (max_len).
+    """
     progress = length / cfg.cosine_max_len
     if cfg.cosine_clip_length:
         progress = min(max(progress, 0.0), 1.0)

@@ -6,10 +6,12 @@
 
 Workers are fresh interpreters (`aapo_megatron.rewards.worker`, no torch), each on its own socket, so
 the parent always knows which sample a worker is on. Samples go out in small chunks; the deadline of
-the sample a worker is on is `timeout_s` after the worker's last answer. A worker past its deadline is killed (SIGKILL, so hangs inside C code stop too) and replaced;
-a worker that dies is replaced. Its current sample gets `on_failure` (NaN or 0) in every column and is
-counted; the rest of its chunk goes back to the queue. A reward function that raises fails only its own
-column of that sample (counted as an error); the worker keeps going.
+the sample a worker is on is `timeout_s` after the worker's last answer. A worker past its deadline is
+killed (SIGKILL, so hangs inside C code stop too) and replaced; a worker that dies is replaced. Its
+current sample gets `on_failure` (NaN or 0) in every column and is counted; the rest of its chunk goes
+back to the queue. A reward function that raises fails only its own column of that sample (counted as
+an error); the worker keeps going. One pool serves one thread; create it in a long-lived thread (the
+workers are killed by Linux when the creating thread exits).
 """
 
 from __future__ import annotations

@@ -1,0 +1,65 @@
+"""Shared steps of the Slurm tests: submit slurm/aapo_70b.sh the local-test way, read its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping, Optional, Sequence
+
+from tests.slurm.cluster import LocalSlurmCluster
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT_70B = os.path.join(REPO, "slurm", "aapo_70b.sh")
+# The documented local-test invocation: one CPU node, 2 tasks, no GPUs.
+LOCAL_SBATCH_ARGS = ("--nodes=1", "--ntasks=2", "--gpus-per-node=0")
+
+
+def submit_70b(cluster: LocalSlurmCluster, out_dir: str, env: Mapping[str, str],
+               sbatch_args: Sequence[str] = ()) -> tuple[int, str]:
+    """sbatch the real slurm/aapo_70b.sh from the repository root; returns (job id, path of the job's log)."""
+    log = os.path.join(out_dir, "job.out")
+    job_env = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    job = cluster.sbatch(SCRIPT_70B, [*LOCAL_SBATCH_ARGS, f"--output={log}", *sbatch_args], env=job_env, cwd=REPO)
+    return job, log
+
+
+def read_text(path: str) -> str:
+    """File contents, or '' if it does not exist yet."""
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Parsed lines of a JSONL file ([] if missing)."""
+    return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str, log: Optional[str] = None, poll: float = 0.5):
+    """Poll `predicate()` until truthy (returned); on timeout raise AssertionError with `what` and the job log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    tail = "\n".join(read_text(log).splitlines()[-40:]) if log else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n--- job log ---\n{tail}")
+
+
+def release_requeued(cluster: LocalSlurmCluster, job: int, restarts: int, log: str, timeout: float = 120.0) -> dict:
+    """Wait until `job` is pending again after its `restarts`-th requeue, then lift Slurm's requeue back-off.
+
+    Slurm holds a requeued job for a fixed delay (BeginTime = now + ~2 min); `scontrol update StartTime=now`
+    makes it eligible at once, as an operator could. Returns the job record seen while it was pending.
+    """
+    def pending():
+        info = cluster.job(job)
+        return info if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= restarts else None
+
+    info = wait_for(pending, timeout, f"job {job} to be requeued ({restarts})", log)
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    return info

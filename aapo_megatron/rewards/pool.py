@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 _MAX_MESSAGES = 5
 _MAX_CHUNK = 16
 _STARTUP_TIMEOUT_S = 120.0
+# The directory holding the aapo_megatron package, so workers import it even when it is not installed.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -93,9 +96,11 @@ class _Worker:
     def __init__(self, cfg: RewardConfig, names: list[str]):
         parent_sock, child_sock = socket.socketpair()
         fd = child_sock.fileno()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aapo_megatron.rewards.worker", str(fd)],
-            pass_fds=(fd,), stdin=subprocess.DEVNULL, close_fds=True,
+            pass_fds=(fd,), stdin=subprocess.DEVNULL, close_fds=True, env=env,
         )
         child_sock.close()
         self.conn = Connection(parent_sock.detach())

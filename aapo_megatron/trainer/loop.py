@@ -34,8 +34,9 @@ log = logging.getLogger("aapo_megatron.trainer")
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 HF_INIT_DIR = "hf_init"
 TOKENIZER_DIR = "tokenizer"
-SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "eval/accuracy", "loss", "adv/abs_mean", "adv/zero_var_frac",
-                "response/len_mean", "mismatch/mean", "time/step")
+SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy", "loss",
+                "adv/mean_abs_advantage", "adv/mean_abs_advantage_no_margin", "adv/zero_variance_group_fraction",
+                "response/len_mean", "mismatch/mean", "grad_norm", "time/step", "tokens_per_s")
 
 
 class TrainingError(RuntimeError):
@@ -202,7 +203,9 @@ class TrainingJob:
         if self.state.sampler:
             self.sampler.load_state_dict(self.state.sampler)
         self.reward_pool = RewardPool(cfg.reward)
-        needs_reference = cfg.algorithm.name == "aapo"
+        from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        needs_reference = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
         log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if needs_reference else "")
         self.policy_engine, self.reference_engine = build_engines(hf_init, cfg.rollout, reference=needs_reference)
         self.reference_cache = None
@@ -273,7 +276,7 @@ class TrainingJob:
     # ================================================================== updates
     def _updates(self, batch: RolloutBatch, num_updates: int, loss_name: str) -> list:
         """`num_updates` optimizer updates over consecutive mini-batches of `batch` (this DP rank's share)."""
-        from aapo_megatron.trainer.losses import build_loss_fn, token_logprobs
+        from aapo_megatron.trainer.losses import build_loss_fn
         from aapo_megatron.trainer.train_step import run_update
 
         rows, seq_len = micro_batch_shape(batch, self.cfg.trainer.micro_batch_tokens)
@@ -284,8 +287,8 @@ class TrainingJob:
             mine = shard_indices(len(mini), self.layout.dp_rank, self.layout.dp_size)
             indices = range(mini.start + mine.start, mini.start + mine.stop)
             micro = make_micro_batches(batch, indices, rows, seq_len)
-            loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0))
-            results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn, token_logprobs,
+            loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0))
+            results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn,
                                       self.cfg.optim.clip_grad))
         return results
 
@@ -495,14 +498,13 @@ class TrainingJob:
         return EXIT_OK
 
     def _loss_name(self) -> str:
-        a = self.cfg.algorithm
-        if a.loss is not None:
-            return a.loss
-        return {"aapo": "aapo_ce", "grpo": "grpo_clip", "dr_grpo": "grpo_clip", "sft": "sft_ce"}[a.name]
+        from aapo_megatron.trainer.losses import loss_name_for
+
+        return loss_name_for(self.cfg.algorithm)
 
     def _progress(self, bar, step: int, m: dict) -> None:
         text = (f"reward {m.get('reward/mean', float('nan')):.3f}  loss {m.get('loss', float('nan')):.4f}  "
-                f"|A| {m.get('adv/abs_mean', float('nan')):.3f}  {m['time/step']:.1f}s/step")
+                f"|A| {m.get('adv/mean_abs_advantage', float('nan')):.3f}  {m['time/step']:.1f}s/step")
         if bar is not None:
             bar.set_postfix_str(text)
             bar.update(1)
@@ -517,7 +519,7 @@ class TrainingJob:
         print("\n" + summary_table(hist, SUMMARY_KEYS), file=sys.stderr)
         if self.cfg.logging.plots:
             path = write_plots(self.run_dir, hist, ["reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy",
-                                                    "adv/zero_var_frac", "loss"])
+                                                    "adv/zero_variance_group_fraction", "loss"])
             if path:
                 log.info("plots: %s", path)
         evals = [r["eval/accuracy"] for r in hist if "eval/accuracy" in r]

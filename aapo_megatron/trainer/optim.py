@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer import clip_grads  # attribute access: the CPU shims patch it at runtime
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from aapo_megatron.config import OptimConfig
@@ -100,7 +100,7 @@ def guarded_update(optimizer, scheduler: Optional[OptimizerParamScheduler], clip
         return UpdateResult(applied=False, grad_norm=grad_norm, lr=lr)
     if clip_grad > 0.0:
         params = optimizer.get_parameters()
-        clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
+        clip_grads.clip_grad_by_total_norm_fp32(params, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
     if scheduler is not None:
         scheduler.step(increment=1)

@@ -71,6 +71,9 @@ class RolloutCollector:
         self.reward_pool = reward_pool
         self.eos = eos_token_id
         self.reference_cache = reference_cache
+        from aapo_megatron.algorithms.advantages import build_advantage_estimator
+
+        self.estimator = build_advantage_estimator(cfg.algorithm)
 
     # ------------------------------------------------------------------ generation
     def _reference_groups(self, prompts: Sequence[Any], step: int, timings: dict) -> list[list[Completion]]:
@@ -90,8 +93,6 @@ class RolloutCollector:
 
     def collect(self, prompts: Sequence[Any], step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """Rollouts, rewards and advantages for `prompts` (B Prompt objects) at RL step `step`."""
-        from aapo_megatron.algorithms import compute_advantages
-
         cfg = self.cfg
         G = cfg.rollout.num_generations
         metrics: dict[str, float] = {}
@@ -101,7 +102,7 @@ class RolloutCollector:
         metrics["time/rollout"] = time.perf_counter() - t0
         metrics["rollout/weight_version"] = float(policy_out.weight_version)
         policy = flatten(policy_out.completions)  # [B*G]
-        needs_reference = cfg.algorithm.name == "aapo"
+        needs_reference = self.estimator.uses_reference
         reference = flatten(self._reference_groups(prompts, step, metrics)) if needs_reference else []
 
         samples = [p.reward_sample() for p in prompts for _ in range(G)]
@@ -112,12 +113,14 @@ class RolloutCollector:
         metrics["time/reward"] = time.perf_counter() - t0
         n = len(policy)
         rewards, ref_rewards = scored.rewards[:n], (scored.rewards[n:] if reference else None)
-        adv = compute_advantages(rewards, scored.weights, G, cfg.algorithm, ref_rewards=ref_rewards)
-        metrics.update(adv.metrics)
+        t0 = time.perf_counter()
+        adv = self.estimator(rewards, G, weights=scored.weights, ref_rewards=ref_rewards)
+        metrics["time/advantage"] = time.perf_counter() - t0
+        metrics.update({f"adv/{k}": v for k, v in adv.metrics().items()})
         metrics.update({k: v for k, v in scored.metrics("reward/").items() if not k.endswith("samples_per_s")})
-        metrics["reward/mean"] = float(adv.rewards.nanmean())
+        metrics["reward/mean"] = float(adv.grouped.rewards.float().mean())
         if ref_rewards is not None:
-            metrics["reward/ref_mean"] = float(adv.ref_rewards.nanmean())
+            metrics["reward/ref_mean"] = float(adv.grouped.ref_rewards.float().mean())
         col = correctness_column(scored.names)
         if col is not None:
             metrics["train/accuracy"] = float((rewards[:, col] == 1.0).float().mean())

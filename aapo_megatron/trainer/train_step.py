@@ -21,10 +21,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from aapo_megatron.trainer.batch import MicroBatch
 from aapo_megatron.trainer.optim import UpdateResult, guarded_update
 
-# loss_fn(logprobs [b, S], entropy [b, S], micro_batch) -> (token-summed loss (scalar), {name: token-summed metric})
-LossFn = Callable[[torch.Tensor, torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-# logprob_fn(logits [b, S, V/tp], targets [b, S], tp_group) -> (logprobs [b, S], entropy [b, S]), differentiable
-LogprobFn = Callable[[torch.Tensor, torch.Tensor, Optional[dist.ProcessGroup]], tuple[torch.Tensor, torch.Tensor]]
+# loss_fn(logits [b, S, V/tp], micro_batch, tp_group) -> (token-SUMMED loss (scalar), {name: token-summed metric});
+# metrics whose name ends in "_max" are maxima instead of sums.
+MicroBatchLoss = Callable[[torch.Tensor, MicroBatch, Optional[dist.ProcessGroup]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -55,8 +54,7 @@ def run_update(
     optimizer,
     scheduler,
     micro_batches: list[MicroBatch],
-    loss_fn: LossFn,
-    logprob_fn: LogprobFn,
+    loss_fn: MicroBatchLoss,
     clip_grad: float,
 ) -> StepStats:
     """Forward/backward over `micro_batches` (this DP rank's share), then one guarded optimizer step."""
@@ -75,13 +73,14 @@ def run_update(
         output = model(tokens, positions, mask)  # last stage: logits [b, S, V/tp]; else hidden states
 
         def loss_func(logits: torch.Tensor):
-            targets = mb.targets.to(device)
-            logp, entropy = logprob_fn(logits, targets, tp_group)  # [b, S] each
-            loss_sum, extra = loss_fn(logp, entropy, _to_device(mb, device))
+            loss_sum, extra = loss_fn(logits, _to_device(mb, device), tp_group)
             num_tokens = mb.loss_mask.sum().to(device=device, dtype=torch.int)
-            report = {"loss": loss_sum.detach().float(), **{k: v.detach().float() for k, v in extra.items()}}
+            report = {**{k: v.detach().float() for k, v in extra.items()}, "loss": loss_sum.detach().float()}
             for k, v in report.items():
-                sums[k] = sums.get(k, torch.zeros((), device=device)) + v
+                if k.endswith("_max"):
+                    sums[k] = torch.maximum(sums[k], v) if k in sums else v
+                else:
+                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v
             return loss_sum, num_tokens, report
 
         return output, loss_func
@@ -111,21 +110,29 @@ def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
 
 
 def _reduce_stats(sums: dict[str, torch.Tensor], micro_batches: list[MicroBatch], device) -> dict:
-    """Token means over the whole update: sum over DP ranks, then make them visible on every PP stage."""
+    """Token means (and maxima for "*_max" keys) over the whole update: all DP ranks, visible on every PP stage."""
     keys = sorted(sums) if sums else []
     # Only the last pipeline stage computed losses; broadcast the key list so every rank agrees.
     obj = [keys]
+    pp_group = ps.get_pipeline_model_parallel_group()
+    pp_last = ps.get_pipeline_model_parallel_last_rank()
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast_object_list(obj, src=last, group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast_object_list(obj, src=pp_last, group=pp_group)
     keys = obj[0]
+    sum_keys = [k for k in keys if not k.endswith("_max")]
+    max_keys = [k for k in keys if k.endswith("_max")]
     local_tokens = float(sum(mb.loss_mask.sum().item() for mb in micro_batches))
-    vec = torch.tensor([local_tokens] + [float(sums[k]) if k in sums else 0.0 for k in keys],
-                       dtype=torch.float64, device=device)
+    vsum = torch.tensor([local_tokens] + [float(sums[k]) if k in sums else 0.0 for k in sum_keys],
+                        dtype=torch.float64, device=device)
+    vmax = torch.tensor([float(sums[k]) if k in sums else -math.inf for k in max_keys] or [0.0],
+                        dtype=torch.float64, device=device)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(vec, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    dist.all_reduce(vec, group=ps.get_data_parallel_group())
-    total = vec[0].item()
-    means = {k: (vec[i + 1].item() / total if total > 0 else math.nan) for i, k in enumerate(keys)}
+        dist.broadcast(vsum, src=pp_last, group=pp_group)
+        dist.broadcast(vmax, src=pp_last, group=pp_group)
+    dist.all_reduce(vsum, group=ps.get_data_parallel_group())
+    dist.all_reduce(vmax, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    total = vsum[0].item()
+    means = {k: (vsum[i + 1].item() / total if total > 0 else math.nan) for i, k in enumerate(sum_keys)}
+    means.update({k: vmax[i].item() for i, k in enumerate(max_keys)})
     loss = means.pop("loss", math.nan)
     return {"loss": loss, "num_tokens": int(total), "metrics": means}

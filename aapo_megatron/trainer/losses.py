@@ -1,0 +1,61 @@
+"""Bridge from a micro-batch's vocab-parallel logits to the configured policy loss (algorithms/) via the fused op.
+
+The returned loss is the token SUM of the micro-batch (GlobalTokenMean with a unit
+normaliser); Megatron's `calculate_per_token_loss` divides by the step's token count.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from aapo_megatron.algorithms.aggregation import GlobalTokenMean
+from aapo_megatron.algorithms.losses import POLICY_LOSSES, PolicyLossInputs
+from aapo_megatron.algorithms.step import policy_loss_from_logits
+from aapo_megatron.config import AlgorithmConfig
+from aapo_megatron.trainer.batch import MicroBatch
+from aapo_megatron.trainer.train_step import MicroBatchLoss
+
+# Sums, not means: the schedule divides by the token count of the whole step.
+_TOKEN_SUM = GlobalTokenMean(num_tokens_in_step=1.0)
+
+
+def mismatch_sums(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rollout-vs-trainer log-prob mismatch on sampled tokens: token sum and max of |logp - logp_rollout|."""
+    diff = (logp.detach().float() - rollout_logp.float()).abs() * mask  # [b, S]
+    return {"mismatch/mean": diff.sum(), "mismatch/abs_max": diff.max() if diff.numel() else diff.sum()}
+
+
+def build_loss_fn(loss_name: str, cfg: AlgorithmConfig, track_mismatch: bool = False,
+                  on_policy: bool = True, fused: bool = True) -> MicroBatchLoss:
+    """The micro-batch loss for `loss_name` (aapo_ce, grpo_clip, sft_ce) with the algorithm's settings.
+
+    on_policy: the weights equal the sampling weights (first update of a step), so a ratio loss uses
+    ratio 1; later updates of the same step use the rollout engine's log-probs as the old policy.
+    """
+    policy_loss = POLICY_LOSSES.get(loss_name)(cfg)
+
+    def loss_fn(logits: torch.Tensor, mb: MicroBatch, tp_group: Optional[dist.ProcessGroup]):
+        old_logp = None if on_policy or not policy_loss.needs_old_logp else mb.rollout_logprobs
+        inputs = PolicyLossInputs(advantages=mb.advantages, mask=mb.loss_mask, old_logp=old_logp,
+                                  ref_logp=mb.ref_logprobs if policy_loss.needs_ref_logp else None)
+        out = policy_loss_from_logits(policy_loss, logits, mb.targets, inputs, _TOKEN_SUM, tp_group=tp_group,
+                                      fused=fused)
+        metrics = {k: v for k, v in out.metrics.items() if k != "loss"}
+        if track_mismatch and mb.rollout_logprobs is not None and getattr(out, "logp", None) is not None:
+            metrics.update(mismatch_sums(out.logp, mb.rollout_logprobs, mb.loss_mask))
+        return out.loss, metrics
+
+    return loss_fn
+
+
+def loss_name_for(cfg: AlgorithmConfig) -> str:
+    """The configured policy loss name (the algorithm's default when `algorithm.loss` is unset)."""
+    from aapo_megatron.algorithms.losses import default_loss_name
+
+    return default_loss_name(cfg)
+
+
+__all__ = ["build_loss_fn", "loss_name_for", "mismatch_sums"]

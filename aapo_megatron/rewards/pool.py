@@ -66,10 +66,8 @@ class RewardResult:
     """Wall time of the score() call, seconds."""
 
     def total(self) -> torch.Tensor:
-        """[N] NaN-ignoring weighted sum over functions (NaN where every function is NaN); a reference for the fused op."""
-        valid = ~torch.isnan(self.rewards)
-        summed = torch.where(valid, self.rewards, 0.0) @ self.weights
-        return torch.where(valid.any(dim=1), summed, torch.nan)
+        """[N] NaN-ignoring weighted sum over functions (0 where every function is NaN, like the fused op)."""
+        return torch.where(torch.isnan(self.rewards), 0.0, self.rewards) @ self.weights
 
     def metrics(self, prefix: str = "reward/") -> dict[str, float]:
         """Scalar metrics: per-function NaN-ignoring mean and NaN fraction, failure counts, throughput."""

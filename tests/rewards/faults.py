@@ -1,6 +1,7 @@
 """Fault-injecting reward functions for the pool tests, loaded in workers as "tests.rewards.faults:<fn>"."""
 
 import os
+import sys
 
 from aapo_megatron.rewards import RewardInput
 
@@ -17,6 +18,11 @@ def raise_on_request(x: RewardInput) -> float:
     if x.completion == "RAISE":
         raise ValueError("asked to raise")
     return 2.0
+
+
+def torch_imported(x: RewardInput) -> float:
+    """1.0 if torch is loaded in this process (reward workers should stay light)."""
+    return 1.0 if "torch" in sys.modules else 0.0
 
 
 NOT_CALLABLE = 3

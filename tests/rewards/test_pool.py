@@ -50,9 +50,12 @@ def test_pool_matches_in_process_rewards(pool):
     assert result.rewards[:, 0].tolist()[:5] == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert math.isnan(result.rewards[5, 0]) and math.isnan(result.rewards[5, 2])
     assert not result.failed.any() and (result.num_timeouts, result.num_crashes, result.num_errors) == (0, 0, 0)
-    # NaN-ignoring weighted sum: row 5 has only format (0.0 * 0.5).
+    # NaN-ignoring weighted sum, as the grouped-advantage op computes it; row 5 has only format (0.0 * 0.5).
     total = result.total()
     assert total[5].item() == 0.0
+    masked = result.rewards.clone()
+    masked[1] = torch.nan  # a row where no function applies sums to 0 (an empty sum)
+    assert type(result)(masked, result.names, result.weights, result.failed).total()[1].item() == 0.0
     assert total[0].item() == pytest.approx(1.0 + 0.5 + 2.0 * expected[0, 2].item())
     m = result.metrics()
     assert m["reward/accuracy/mean"] == pytest.approx(3 / 5) and m["reward/accuracy/nan_frac"] == pytest.approx(1 / 6)
@@ -111,9 +114,10 @@ def test_pool_input_errors():
         assert pool.score([], [], num_tokens=[]).rewards.shape == (0, 1)
 
 
-def test_workers_exit_with_the_pool():
-    pool = RewardPool(RewardConfig(num_workers=2))
+def test_workers_are_light_and_exit_with_the_pool():
+    pool = RewardPool(RewardConfig(functions={"tests.rewards.faults:torch_imported": 1.0}, num_workers=2))
     pool.wait_ready()
+    assert pool.score(["a", "b"], [{}, {}]).rewards.tolist() == [[0.0], [0.0]]  # no torch in the workers
     procs = [w.proc for w in pool._workers]
     pool.close()
     assert all(p.poll() is not None for p in procs)

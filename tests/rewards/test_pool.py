@@ -57,6 +57,11 @@ def test_pool_matches_in_process_rewards(pool):
     masked[1] = torch.nan  # a row where no function applies sums to 0 (an empty sum)
     assert type(result)(masked, result.names, result.weights, result.failed).total()[1].item() == 0.0
     assert total[0].item() == pytest.approx(1.0 + 0.5 + 2.0 * expected[0, 2].item())
+    # The contract with the grouped-advantage op: it takes rewards [B*G, F] and weights [F] as returned.
+    from aapo_megatron.ops.advantages import grouped_advantages
+
+    adv = grouped_advantages(result.rewards, 3, weights=result.weights)
+    torch.testing.assert_close(adv.rewards, total)
     m = result.metrics()
     assert m["reward/accuracy/mean"] == pytest.approx(3 / 5) and m["reward/accuracy/nan_frac"] == pytest.approx(1 / 6)
 

@@ -87,3 +87,19 @@ def reasoning_gym_reward(x: RewardInput) -> float:
         return math.nan
     dataset = _gym_dataset(meta["task"], json.dumps(meta.get("args") or {}, sort_keys=True))
     return float(dataset.score_answer(x.answer(), meta["entry"]))
+
+
+def _warm_math_verify() -> None:
+    from aapo_megatron.rewards.equivalence import math_equal
+
+    math_equal("\\frac{1}{2}", "0.5")
+
+
+def _import_reasoning_gym() -> None:
+    import reasoning_gym  # noqa: F401  (slow first import: do it before the worker reports ready)
+
+
+# Workers call `fn.warmup()` before reporting ready, so no sample's deadline pays for lazy imports.
+accuracy.warmup = _warm_math_verify
+cosine_length.warmup = _warm_math_verify
+reasoning_gym_reward.warmup = _import_reasoning_gym

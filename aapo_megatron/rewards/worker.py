@@ -2,7 +2,8 @@
 
 A fresh interpreter (not a fork of the trainer): it imports only the reward code, not torch, Megatron or
 vLLM, and nothing of the parent's threads or CUDA state. Protocol over the multiprocessing Connection:
-parent -> (sys_path, RewardConfig, names); worker -> ("ready", pid) or ("fatal", traceback);
+parent -> (sys_path, RewardConfig, names); worker resolves the functions, runs their optional
+`warmup()` (slow imports), then -> ("ready", pid) or ("fatal", traceback);
 parent -> [(idx, completion, sample, num_tokens), ...] chunks, or None to stop;
 worker -> ("ok", idx, row, errors) per sample, in order.
 """
@@ -51,6 +52,10 @@ def serve(conn: Connection) -> None:
         from aapo_megatron.rewards.registry import RewardInput, resolve_reward
 
         fns = [resolve_reward(n) for n in names]
+        for fn in fns:
+            warmup = getattr(fn, "warmup", None)
+            if callable(warmup):
+                warmup()
     except BaseException:
         conn.send(("fatal", traceback.format_exc(limit=4)))
         return

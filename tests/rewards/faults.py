@@ -26,3 +26,15 @@ def torch_imported(x: RewardInput) -> float:
 
 
 NOT_CALLABLE = 3
+
+
+def fails_to_warm_up(x: RewardInput) -> float:
+    """Never runs: its warmup raises, so the worker cannot start."""
+    return 0.0
+
+
+def _broken_warmup() -> None:
+    raise RuntimeError("model file missing")
+
+
+fails_to_warm_up.warmup = _broken_warmup

@@ -129,3 +129,24 @@ def test_workers_are_light_and_exit_with_the_pool():
     for p in procs:
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
+
+
+def test_reasoning_gym_prompts_through_the_pool():
+    from aapo_megatron.data.reasoning_gym_source import generate_reasoning_gym
+
+    rows = generate_reasoning_gym("basic_arithmetic", {}, 4, seed=3)
+    samples = [{"answer": r["answer"], "reasoning_gym": r["reasoning_gym"]} for r in rows]
+    texts = [f"<answer>{r['answer']}</answer>" for r in rows[:2]] + ["<answer>nope</answer>", "no tags"]
+    cfg = RewardConfig(functions={"reasoning_gym": 1.0, "accuracy": 0.5}, num_workers=1, answer_tag="answer")
+    with RewardPool(cfg) as pool:
+        result = pool.score(texts, samples)
+    assert result.rewards.tolist() == [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert not result.failed.any()
+
+
+def test_a_worker_that_cannot_start_is_an_error():
+    with pytest.raises(RewardError) as err:
+        with RewardPool(RewardConfig(functions={"tests.rewards.faults:fails_to_warm_up": 1.0}, num_workers=1)) as pool:
+            pool.score(["x"], [{}])
+    assert str(err.value).startswith("reward worker could not start:\nTraceback")
+    assert str(err.value).rstrip().endswith("RuntimeError: model file missing")

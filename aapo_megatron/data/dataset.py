@@ -89,6 +89,12 @@ class BadRows:
         return f"skipped {self.count} of {self.total} rows ({why}); {'; '.join(shown)}{more}"
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters for log lines."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def get_field(row: dict[str, Any], key: str) -> Any:
     """row[key], following a dotted path into nested dicts ("reward_model.ground_truth"); _MISSING if absent."""
     if key in row:
@@ -171,7 +177,7 @@ class PromptDataset:
                 bad.add(rowno, "missing column", f"missing column {missing[0]!r} (row has: {cols})")
                 continue
             if answer_value is None or not gold_answer(answer_value):
-                bad.add(rowno, "empty answer", f"empty answer in column {answer_key!r} ({answer_value!r})")
+                bad.add(rowno, "empty answer", f"empty answer in column {answer_key!r} ({_short(answer_value)})")
                 continue
             try:
                 messages = build_messages(prompt_value, system_prompt)

@@ -400,3 +400,40 @@ aapo_start_servers() {
         aapo_wait_health "$AAPO_REFERENCE_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[1]}"
     fi
 }
+
+# The conversion job (slurm/convert_hf.sh): `aapo-convert hf-to-mcore` as one srun task on one node.
+# Arguments: HF_DIR OUT_DIR [more aapo-convert options], or AAPO_HF_DIR / AAPO_OUT with only options.
+aapo_convert_main() {
+    [ -n "${SLURM_JOB_ID:-}" ] || [ "${AAPO_DRY_RUN:-0}" = 1 ] ||
+        aapo_die "not inside a Slurm job: submit with sbatch (or set AAPO_DRY_RUN=1 to print the command)"
+    cd "$AAPO_HOME" || aapo_die "AAPO_HOME=$AAPO_HOME is not a directory"
+    aapo_activate
+    aapo_container_wrap
+    local hf=${AAPO_HF_DIR:-} out=${AAPO_OUT:-}
+    if [ $# -ge 2 ] && [ "${1#-}" = "$1" ] && [ "${2#-}" = "$2" ]; then
+        hf=$1 out=$2
+        shift 2
+    fi
+    if [ -z "$hf" ] || [ -z "$out" ]; then
+        aapo_die "usage: sbatch slurm/convert_hf.sh HF_DIR OUT_DIR [aapo-convert options]" \
+            "(or set AAPO_HF_DIR and AAPO_OUT); relative paths are relative to $AAPO_HOME"
+    fi
+    [ -d "$hf" ] || aapo_die "HF checkpoint directory not found: $hf"
+    local -a opts=(--no-progress)
+    [ -z "${AAPO_CONVERT_WORKERS:-}" ] || opts+=(--workers "$AAPO_CONVERT_WORKERS")
+    [ -z "${AAPO_CONVERT_DTYPE:-}" ] || opts+=(--dtype "$AAPO_CONVERT_DTYPE")
+    local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+    aapo_log "converting $hf -> $out on $(hostname -s) with $cpus CPU(s)"
+    local rc=0
+    aapo_run_bg srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1 --unbuffered \
+        "${AAPO_CT_SRUN[@]}" "${AAPO_CT_PREFIX[@]}" \
+        aapo-convert hf-to-mcore --hf-dir "$hf" --out "$out" "${opts[@]}" "$@"
+    [ "${AAPO_DRY_RUN:-0}" = 1 ] && return 0
+    wait "$AAPO_LAST_PID" || rc=$?
+    if [ "$rc" = 0 ]; then
+        aapo_log "conversion finished: set model.path: $out in your config"
+    else
+        aapo_log "conversion failed (exit $rc); nothing was written to $out"
+    fi
+    return "$rc"
+}

@@ -34,6 +34,7 @@ log = logging.getLogger("aapo_megatron.trainer")
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 HF_INIT_DIR = "hf_init"
 TOKENIZER_DIR = "tokenizer"
+EXPORT_SHARD_BYTES = 2 * 1024**3  # HF export shard size
 SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy", "loss",
                 "adv/mean_abs_advantage", "adv/mean_abs_advantage_no_margin", "adv/zero_variance_group_fraction",
                 "response/len_mean", "mismatch/mean", "grad_norm", "time/step", "tokens_per_s")
@@ -80,9 +81,10 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def setup_logging(rank: int) -> None:
-    """Rank 0 logs INFO to stderr; other ranks only warnings."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    """Our loggers: INFO on rank 0, warnings elsewhere; third-party libraries (Megatron, vLLM) stay at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    logging.getLogger("aapo_megatron").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 
@@ -203,6 +205,7 @@ class TrainingJob:
         if self.state.sampler:
             self.sampler.load_state_dict(self.state.sampler)
         self.reward_pool = RewardPool(cfg.reward)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-request INFO lines drown the progress
         from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
         needs_reference = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
@@ -244,7 +247,7 @@ class TrainingJob:
 
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            writer = SafetensorsShardWriter(tmp)
+            writer = SafetensorsShardWriter(tmp, max_shard_bytes=EXPORT_SHARD_BYTES)
         if self._model_parallel_rank0():
             for name, tensor in self._iter_hf():
                 if writer is not None:

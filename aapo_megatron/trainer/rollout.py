@@ -85,7 +85,9 @@ class RolloutCollector:
         if self.cfg.algorithm.reference_rollouts == "cached":
             keys = [prompt_key(p) for p in prompts]
             groups = self.reference_cache.get_or_generate(
-                keys, [p.input_ids for p in prompts], lambda ids: self.reference.generate(ids, spec).completions)
+                keys, [p.input_ids for p in prompts], lambda ids: self.reference.generate(ids, spec).completions, n=G)
+            timings["reference/cache_size"] = float(len(self.reference_cache))
+            timings["reference/cache_hits"] = float(self.reference_cache.hits)
         else:
             groups = self.reference.generate([p.input_ids for p in prompts], spec).completions
         timings["time/reference"] = time.perf_counter() - t0

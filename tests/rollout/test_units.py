@@ -1,0 +1,211 @@
+"""Fast tests without an engine: buckets, stage timeouts, transport choice, sampling spec, mismatch metric,
+reference-cache bookkeeping and persistence."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from aapo_megatron.rollout.engine import Completion, SamplingSpec, check_prompts
+from aapo_megatron.rollout.mismatch import logprob_mismatch, pad_logprobs
+from aapo_megatron.rollout.reference_cache import ReferenceCache
+from aapo_megatron.rollout.weight_sync import (
+    FileSink,
+    StageRunner,
+    WeightSyncError,
+    WeightSyncTimeout,
+    choose_transport,
+    iter_buckets,
+    stream_via_files,
+)
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return [(f"w{i}", torch.randn(n, generator=g)) for i, n in enumerate([100, 300, 50, 1000, 20, 20])]
+
+
+def test_iter_buckets_respects_size_and_order():
+    named = _tensors()
+    buckets = list(iter_buckets(iter(named), bucket_bytes=1600))
+    assert [[n for n, _ in b] for b in buckets] == [["w0", "w1"], ["w2"], ["w3"], ["w4", "w5"]]
+    for b in buckets:  # a bucket exceeds the size only when it holds one oversize tensor
+        assert sum(t.numel() * 4 for _, t in b) <= 1600 or len(b) == 1
+    flat = [(n, t) for b in buckets for n, t in b]
+    assert all(torch.equal(a[1], b[1]) and a[0] == b[0] for a, b in zip(flat, named))
+
+
+def test_iter_buckets_casts_and_rejects_bad_input():
+    (b,) = list(iter_buckets([("x", torch.ones(4)), ("i", torch.arange(3))], 1 << 20, dtype=torch.bfloat16))
+    assert b[0][1].dtype == torch.bfloat16 and b[1][1].dtype == torch.int64  # integers are left alone
+    with pytest.raises(ValueError, match="'x' appears twice"):
+        list(iter_buckets([("x", torch.ones(1)), ("x", torch.ones(1))], 1024))
+    with pytest.raises(TypeError, match="weight 'x' is a list"):
+        list(iter_buckets([("x", [1.0])], 1024))
+
+
+def test_choose_transport():
+    assert choose_transport("cpu") == "shm"
+    assert choose_transport(torch.device("cuda", 0)) == "nccl"
+
+
+def test_stage_runner_names_the_hung_stage():
+    runner = StageRunner(timeout_s=0.3)
+    release = threading.Event()
+    with pytest.raises(WeightSyncTimeout, match=r"stage 'load bucket 7' did not finish within 0.3 s"):
+        runner.run("load bucket 7", lambda: release.wait(10))
+    release.set()
+    runner.close()
+    runner = StageRunner(timeout_s=5)
+    with pytest.raises(WeightSyncError, match=r"stage 'finish' failed: KeyError: 'boom'"):
+        runner.run("finish", lambda: {}["boom"])
+    assert runner.run("begin", lambda: 42) == 42
+    runner.close()
+
+
+class _DirSink:
+    """A file sink that reads every bucket back with safetensors (the engine's side, minus vLLM)."""
+
+    def __init__(self, fail_on_load: int = -1):
+        self.received: dict[str, torch.Tensor] = {}
+        self.calls: list[str] = []
+        self.fail_on_load = fail_on_load
+        self.seen_files: list[str] = []
+
+    def sink(self) -> FileSink:
+        from safetensors.torch import load_file
+
+        def load(path):
+            self.calls.append("load")
+            self.seen_files.append(path)
+            assert len(os.listdir(os.path.dirname(path))) <= 2, "at most two bucket files at once"
+            if len(self.seen_files) - 1 == self.fail_on_load:
+                raise RuntimeError("engine rejected the bucket")
+            self.received.update(load_file(path))
+
+        return FileSink(begin=lambda: self.calls.append("begin"), load=load,
+                        finish=lambda: self.calls.append("finish"), abort=lambda: self.calls.append("abort"))
+
+
+def test_stream_via_files_roundtrip_and_cleanup(tmp_path):
+    named = _tensors()
+    named.append(("tied_view", named[0][1][:10]))  # a view: safetensors needs its own storage
+    s = _DirSink()
+    stats = stream_via_files(s.sink(), iter(named), bucket_bytes=1600, timeout_s=30, shm_dir=str(tmp_path))
+    assert s.calls == ["begin"] + ["load"] * stats.num_buckets + ["finish"]
+    assert stats.num_tensors == len(named) and stats.num_bytes == sum(t.numel() * 4 for _, t in named)
+    assert set(s.received) == {n for n, _ in named}
+    for n, t in named:
+        assert torch.equal(s.received[n], t)
+    assert os.listdir(tmp_path) == []
+
+
+def test_stream_via_files_failure_aborts_and_cleans(tmp_path):
+    s = _DirSink(fail_on_load=1)
+    with pytest.raises(WeightSyncError, match=r"stage 'load bucket 1' failed: RuntimeError: engine rejected"):
+        stream_via_files(s.sink(), iter(_tensors()), bucket_bytes=1600, timeout_s=30, shm_dir=str(tmp_path))
+    assert s.calls[-1] == "abort" and "finish" not in s.calls
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(WeightSyncError, match="weight stream was empty"):
+        stream_via_files(_DirSink().sink(), iter([]), bucket_bytes=1600, timeout_s=30, shm_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="bucket size must be > 0"):
+        stream_via_files(_DirSink().sink(), iter([]), bucket_bytes=0, timeout_s=30, shm_dir=str(tmp_path))
+
+
+def test_stream_via_files_hung_receiver_times_out_without_abort(tmp_path):
+    release = threading.Event()
+    calls = []
+    sink = FileSink(begin=lambda: None, load=lambda p: release.wait(10), finish=lambda: calls.append("finish"),
+                    abort=lambda: calls.append("abort"))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightSyncTimeout, match=r"stage 'load bucket 0' did not finish within 0.5 s"):
+        stream_via_files(sink, iter(_tensors()), bucket_bytes=1600, timeout_s=0.5, shm_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 5
+    assert calls == []  # the receiver is hung: do not queue more work behind it
+    release.set()
+    assert os.listdir(tmp_path) == []
+
+
+def test_sampling_spec_validation_and_roundtrip():
+    spec = SamplingSpec(n=4, temperature=0.7, top_p=0.9, top_k=20, max_tokens=64, stop_token_ids=[2, 3], seed=1,
+                        logprobs=True)
+    assert SamplingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    for kwargs, msg in [({"n": 0}, "SamplingSpec.n must be an integer >= 1"),
+                        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+                        ({"top_k": 0}, "top_k must be -1 or > 0"),
+                        ({"temperature": -1}, "temperature must be >= 0"),
+                        ({"max_tokens": 0}, "max_tokens must be an integer >= 1")]:
+        with pytest.raises(ValueError, match=msg):
+            SamplingSpec(**kwargs)
+    with pytest.raises(ValueError, match=r"unknown sampling field\(s\) \['nn'\]"):
+        SamplingSpec.from_dict({"nn": 3})
+    assert check_prompts([(1, 2), [3]], vocab_size=4) == [[1, 2], [3]]
+    with pytest.raises(ValueError, match="prompt 1 holds token id 4 outside the vocabulary"):
+        check_prompts([[1], [4]], vocab_size=4)
+
+
+def test_logprob_mismatch_matches_reference_loop():
+    g = torch.Generator().manual_seed(3)
+    a, b = -torch.rand(4, 7, generator=g) * 3, -torch.rand(4, 7, generator=g) * 3
+    mask = torch.rand(4, 7, generator=g) > 0.3
+    diffs = [abs(float(a[i, j]) - float(b[i, j])) for i in range(4) for j in range(7) if mask[i, j]]
+    m = logprob_mismatch(a, b, mask)
+    assert m.num_tokens == len(diffs)
+    assert m.mean == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
+    assert m.max == pytest.approx(max(diffs), rel=1e-6)
+    assert m.metrics() == {"mismatch/mean": m.mean, "mismatch/max": m.max}
+    assert logprob_mismatch(a, a.clone(), mask).max == 0.0
+    assert logprob_mismatch(a, b, torch.zeros_like(mask)).num_tokens == 0
+    # padding outside the mask is ignored, even if it is garbage
+    b2 = b.clone()
+    b2[~mask] = float("nan")
+    assert logprob_mismatch(a, b2, mask).mean == pytest.approx(m.mean)
+    with pytest.raises(ValueError, match="shapes differ"):
+        logprob_mismatch(a, b[:, :3], mask)
+    values, pmask = pad_logprobs([[-1.0, -2.0], [-0.5]], 3)
+    assert values.tolist() == [[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]
+    assert pmask.tolist() == [[True, True, False], [True, False, False]]
+
+
+def _groups(ids):
+    return [[Completion([p[0] + 1, 2], "stop", [-0.1, -0.2]), Completion([p[0] + 3], "length")] for p in ids]
+
+
+def test_reference_cache_bookkeeping_and_errors(tmp_path):
+    cache = ReferenceCache()
+    calls = []
+
+    def gen(ids):
+        calls.append([list(x) for x in ids])
+        return _groups(ids)
+
+    out = cache.get_or_generate(["a", "b", "a"], [[1], [5], [1]], gen, n=2)
+    assert calls == [[[1], [5]]]  # the repeated key is generated once
+    assert out[0][0].token_ids == [2, 2] and out[2][0].token_ids == [2, 2]
+    out2 = cache.get_or_generate(["b"], [[5]], gen, n=2)
+    assert len(calls) == 1 and out2[0][1].token_ids == [8]
+    assert (cache.hits, cache.misses) == (2, 2)
+    with pytest.raises(ValueError, match="key 'a' was cached for different prompt token ids"):
+        cache.get_or_generate(["a"], [[9]], gen)
+    with pytest.raises(ValueError, match="holds 2 completions but 4 are needed"):
+        cache.get_or_generate(["a"], [[1]], gen, n=4)
+
+    path = str(tmp_path / "cache.json")
+    cache.save(path)
+    assert os.listdir(tmp_path) == ["cache.json"]
+    restored = ReferenceCache.load(path)
+    assert restored.state_dict() == cache.state_dict()
+    assert restored.get_or_generate(["a"], [[1]], gen)[0][0].logprobs == [-0.1, -0.2]
+    with pytest.raises(ValueError, match="expected format 1"):
+        ReferenceCache().load_state_dict({"entries": {}})
+    bad = cache.state_dict()
+    bad["entries"]["a"]["completions"][0].pop("token_ids")
+    fresh = ReferenceCache()
+    with pytest.raises(ValueError, match="reference cache state is malformed: KeyError"):
+        fresh.load_state_dict(bad)
+    assert len(fresh) == 0  # unchanged on error

@@ -34,10 +34,14 @@
 #                        (one for the policy engine, one for the frozen reference engine) and the trainer is
 #                        pointed at them; 0 = the servers run elsewhere, at the config's rollout.server_url and
 #                        rollout.reference_server_url
+#   AAPO_ROLLOUT_MODEL   HF directory the in-job servers load (default: model.path or model.tokenizer of the
+#                        config, whichever holds config.json + safetensors)
 #   AAPO_ROLLOUT_PORT    port of the in-job servers (default 8000)
+#   AAPO_ROLLOUT_MEMORY_FRACTION  vLLM memory share on a server node (default 0.85)
 #   AAPO_ROLLOUT_SERVER_ARGS  extra aapo-rollout-server arguments (split on whitespace)
 #   AAPO_ROLLOUT_WAIT_S  seconds to wait for the in-job servers to answer /health (default 1800)
-#   AAPO_ROLLOUT_TOKEN   bearer token shared by the in-job servers and the trainer (default: random per job)
+#   AAPO_ROLLOUT_TOKEN   bearer token shared by the in-job servers and the trainer (default: random per job;
+#                        the variable is the config's rollout.token_env)
 #   AAPO_DRY_RUN         1: print the resolved layout and the srun commands instead of running them
 #   MASTER_ADDR, MASTER_PORT  rendezvous (default: first training host; 20000 + a hash of job id and restart)
 #   OMP_NUM_THREADS      default: the CPUs of one task
@@ -295,7 +299,15 @@ aapo_train_main() {
     AAPO_SERVER_PIDS=()
     # ---- in-job rollout servers
     if ((rollout_nodes > 0)); then
-        aapo_start_servers "$config" "${rollout_hosts[@]}"
+        local hf_model=${AAPO_ROLLOUT_MODEL:-${cfg[hf_model]}}
+        [ -n "$hf_model" ] || aapo_die "the in-job rollout servers need the starting model's HF weights:" \
+            "set AAPO_ROLLOUT_MODEL (neither model.path nor model.tokenizer of $config holds config.json +" \
+            "safetensors)"
+        AAPO_SERVER_ARGS=(--model "$hf_model" --host 0.0.0.0 --port "${AAPO_ROLLOUT_PORT:-8000}"
+            --tensor-parallel-size "$((gpn > 0 ? gpn : 1))" --dtype "${cfg[rollout_dtype]}"
+            --max-model-len "${cfg[max_model_len]}" --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}"
+            --memory-fraction "${AAPO_ROLLOUT_MEMORY_FRACTION:-0.85}")
+        aapo_start_servers "${cfg[token_env]}" "${rollout_hosts[@]}"
         args+=(--set "rollout.server_url=http://${AAPO_POLICY_ADDR}"
             --set "rollout.reference_server_url=http://${AAPO_REFERENCE_ADDR}")
     fi
@@ -359,42 +371,32 @@ aapo_requeue() {
 }
 
 # Start aapo-rollout-server for the policy on the first of the two given hosts and for the reference on the
-# second; sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) and waits until both answer /health.
+# second, with the arguments in array AAPO_SERVER_ARGS (all but --role) and a bearer token shared through the
+# environment variable named $1. Sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) and waits until both
+# answer /health.
 aapo_start_servers() {
-    local config=$1
+    local token_env=$1
     shift
-    local -a hosts=("$@")
-    local n=${#hosts[@]}
-    ((n == 2)) || aapo_die "in-job rollout servers need AAPO_ROLLOUT_NODES=2 (policy + reference), got $n"
-    local half=1 port=${AAPO_ROLLOUT_PORT:-8000}
-    if [ -z "${AAPO_ROLLOUT_TOKEN:-}" ]; then
-        AAPO_ROLLOUT_TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    local -a hosts=("$@") server_extra
+    ((${#hosts[@]} == 2)) ||
+        aapo_die "in-job rollout servers need AAPO_ROLLOUT_NODES=2 (policy + reference), got ${#hosts[@]}"
+    if [ -z "${!token_env:-}" ]; then
+        printf -v "$token_env" '%s' "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
     fi
-    export AAPO_ROLLOUT_TOKEN
-    local -a server_extra
+    export "${token_env?}"
     aapo_split server_extra "${AAPO_ROLLOUT_SERVER_ARGS:-}"
-    local role first count
+    local port=${AAPO_ROLLOUT_PORT:-8000} gpn role host
+    gpn=$(aapo_gpus_per_node)
     for role in policy reference; do
-        if [ "$role" = policy ]; then first=0 count=$half; else first=$half count=$((n - half)); fi
-        local nodelist
-        nodelist=$(
-            IFS=,
-            echo "${hosts[*]:first:count}"
-        )
-        local gpn
-        gpn=$(aapo_gpus_per_node)
-        aapo_run_bg srun --nodes="$count" --ntasks="$count" --ntasks-per-node=1 --nodelist="$nodelist" \
-            --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --gpus-per-node="$gpn" --kill-on-bad-exit=1 --label --unbuffered \
-            "${AAPO_CT_SRUN[@]}" "${AAPO_CT_PREFIX[@]}" \
-            "${AAPO_TASK_WRAPPER[@]}" aapo-rollout-server --config "$config" --role "$role" --host 0.0.0.0 --port "$port" \
-            "${server_extra[@]}"
+        if [ "$role" = policy ]; then host=${hosts[0]}; else host=${hosts[1]}; fi
+        aapo_run_bg srun --nodes=1 --ntasks=1 --nodelist="$host" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+            --gpus-per-node="$gpn" --kill-on-bad-exit=1 --label --unbuffered \
+            "${AAPO_CT_SRUN[@]}" "${AAPO_CT_PREFIX[@]}" "${AAPO_TASK_WRAPPER[@]}" \
+            aapo-rollout-server --role "$role" "${AAPO_SERVER_ARGS[@]}" "${server_extra[@]}"
         [ -z "$AAPO_LAST_PID" ] || AAPO_SERVER_PIDS+=("$AAPO_LAST_PID")
-        if [ "$role" = policy ]; then
-            AAPO_POLICY_ADDR=${hosts[first]}:$port
-        else
-            AAPO_REFERENCE_ADDR=${hosts[first]}:$port
-        fi
     done
+    AAPO_POLICY_ADDR=${hosts[0]}:$port
+    AAPO_REFERENCE_ADDR=${hosts[1]}:$port
     if [ "${AAPO_DRY_RUN:-0}" != 1 ]; then
         aapo_wait_health "$AAPO_POLICY_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[0]}"
         aapo_wait_health "$AAPO_REFERENCE_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[1]}"

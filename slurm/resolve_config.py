@@ -2,7 +2,8 @@
 
     python slurm/resolve_config.py --config FILE [--set section.key=value ...] [other trainer args, ignored]
 
-Prints KEY=VALUE lines (placement, tp, pp, run_dir, ckpt_dir, server_url, reference_server_url) and exits 0,
+Prints KEY=VALUE lines (placement, tp, pp, run_dir, ckpt_dir, the rollout URLs and what an in-job
+aapo-rollout-server needs) and exits 0,
 or prints the ConfigError naming the bad key and exits 2, before any rank or GPU is started.
 """
 
@@ -11,6 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+
+def _hf_weights_dir(*candidates: str | None) -> str:
+    """The first candidate directory holding an HF checkpoint (config.json + safetensors), else ''."""
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "config.json")) and any(
+                name.endswith(".safetensors") for name in os.listdir(path)):
+            return path
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error in {args.config}: {exc}", file=sys.stderr)
         return 2
     run_dir = cfg.trainer.run_dir
+    dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype
     values = {
         "placement": cfg.rollout.placement,
         "tp": cfg.parallel.tensor_model_parallel_size,
@@ -36,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         "ckpt_dir": cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints"),
         "server_url": cfg.rollout.server_url or "",
         "reference_server_url": cfg.rollout.reference_server_url or "",
+        # What an in-job aapo-rollout-server needs: HF weights of the starting model and the engine settings.
+        "hf_model": _hf_weights_dir(cfg.model.path, cfg.model.tokenizer),
+        "rollout_dtype": dtype,
+        "max_model_len": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+        "rollout_seed": cfg.rollout.seed,
+        "token_env": cfg.rollout.token_env,
     }
     for key, value in values.items():
         print(f"{key}={value}")

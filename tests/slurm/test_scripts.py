@@ -73,13 +73,18 @@ GPU_6_NODES = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu1,gpu2,gpu3,gpu4,
 
 
 def test_70b_layout_four_training_nodes_and_two_rollout_servers():
-    lines = _srun_lines(_dry_run("aapo_70b.sh", GPU_6_NODES, "--set", "trainer.steps=3"))
+    lines = _srun_lines(_dry_run("aapo_70b.sh", GPU_6_NODES, "--set", "trainer.steps=3",
+                                 AAPO_ROLLOUT_MODEL="/ckpt/hf/Llama-3.1-70B-Instruct"))
     assert len(lines) == 3
     policy, reference, trainer = lines
     for argv, role, host in ((policy, "policy", "gpu5"), (reference, "reference", "gpu6")):
         assert _opt(argv, "nodelist") == host and _opt(argv, "ntasks") == "1"
-        assert argv[argv.index("aapo-rollout-server") + 1:][:6] == [
-            "--config", "configs/llama3_70b.yaml", "--role", role, "--host", "0.0.0.0"]
+        assert _opt(argv, "gpus-per-node") == "8" and _opt(argv, "cpus-per-task") == "96"
+        # vLLM TP=8 over the node's GPUs; context = max_prompt_tokens 1024 + max_new_tokens 3072.
+        assert argv[argv.index("aapo-rollout-server") + 1:] == [
+            "--role", role, "--model", "/ckpt/hf/Llama-3.1-70B-Instruct", "--host", "0.0.0.0", "--port", "8000",
+            "--tensor-parallel-size", "8", "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0",
+            "--token-env", "AAPO_ROLLOUT_TOKEN", "--memory-fraction", "0.85"]
     # TP=8 x PP=4 = 32 ranks, one per GPU, 8 per node on the first four nodes.
     assert _opt(trainer, "nodes") == "4" and _opt(trainer, "ntasks") == "32"
     assert _opt(trainer, "ntasks-per-node") == "8" and _opt(trainer, "nodelist") == "gpu1,gpu2,gpu3,gpu4"
@@ -136,6 +141,9 @@ def test_layout_errors_are_named():
     assert proc.returncode == 2
     assert "world size 24 (3 nodes x 8 ranks) is not a multiple of TP*PP = 8*4 from configs/llama3_70b.yaml" \
         in proc.stderr
+    proc = _dry_run("aapo_70b.sh", GPU_6_NODES)
+    assert proc.returncode == 2 and "the in-job rollout servers need the starting model's HF weights: set " \
+        "AAPO_ROLLOUT_MODEL" in proc.stderr
     proc = _dry_run("aapo_70b.sh", dict(GPU_6_NODES, SLURM_JOB_NODELIST="gpu1,gpu2"))
     assert proc.returncode == 2 and "AAPO_ROLLOUT_NODES=2 leaves no training node in a 2-node job" in proc.stderr
     proc = _dry_run("aapo_70b.sh", GPU_6_NODES, AAPO_CONFIG="configs/nope.yaml")

@@ -23,7 +23,7 @@ from typing import Optional
 from aapo_megatron.convert.errors import ConversionError
 from aapo_megatron.convert.hf_io import HFCheckpointReader
 from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.mcore_io import write_checkpoint_metadata
+from aapo_megatron.convert.mcore_io import save_mcore_checkpoint, write_checkpoint_metadata
 from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
@@ -85,7 +85,6 @@ def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[s
 def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype: str, progress: bool) -> dict:
     """Worker `rank` of `world`: build pipeline stage `rank`, fill it from the HF shards, save collectively."""
     import torch
-    from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
     from aapo_megatron.config import ParallelConfig
@@ -114,11 +113,12 @@ def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype:
 
     load_hf_weights(model, mapping, fetch, tp_rank=0, tp_size=1, pp_rank=rank, pp_size=world)
     bar.close()
-    dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     # the last stage's copy of a tied embedding is not saved (Megatron marks it a replica)
     params = [p for n, p in model.named_parameters() if not (spec.tie_word_embeddings and n == "output_layer.weight")]
-    nbytes = sum(p.numel() * p.element_size() for p in params)
-    return {"num_params": sum(p.numel() for p in params), "bytes": nbytes, "hf_tensors": len(names)}
+    stats = {"num_params": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params),
+             "hf_tensors": len(names)}
+    save_mcore_checkpoint(model, out_dir, release_weights=True)
+    return stats
 
 
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, workers: Optional[int] = None,

@@ -125,40 +125,66 @@ def expected_checkpoint_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
 
 
 def validate_mcore_checkpoint(ckpt_dir: str, spec: ArchSpec) -> torch.dtype:
-    """Check that every tensor `spec` needs is in the checkpoint with the right global shape; return their dtype."""
+    """Check that every tensor `spec` needs is in the checkpoint with the right global shape; return the weights' dtype.
+
+    The dtype is the embedding's (Megatron's local-spec norms stay float32 in a bf16 model).
+    """
     stored = checkpoint_tensors(ckpt_dir)
-    dtypes = set()
     for key, shape in expected_checkpoint_shapes(spec).items():
         if key not in stored:
             raise MissingTensorError(
                 f"tensor '{key}' is missing from the Megatron checkpoint {ckpt_dir} "
                 f"({spec.hf_architecture} with tie_word_embeddings={spec.tie_word_embeddings} needs it)"
             )
-        got, dtype = stored[key]
+        got, _ = stored[key]
         if got != shape:
             raise ShapeMismatchError(
                 f"tensor '{key}' has shape {list(got)} in the Megatron checkpoint {ckpt_dir} "
                 f"but the architecture needs {list(shape)}"
             )
-        dtypes.add(dtype)
-    if len(dtypes) != 1:
-        raise ConversionError(f"{ckpt_dir} mixes parameter dtypes {sorted(str(d) for d in dtypes)}")
-    return dtypes.pop()
+    from aapo_megatron.convert.mapping import EMBEDDING
+
+    return stored[EMBEDDING][1]
 
 
-def save_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
-    """Save this rank's part of `model` with dist_checkpointing (torch_dist); collective over all ranks."""
+def _swiglu_factories(sharded_sd: dict) -> list[str]:
+    """Keys of Megatron's SwiGLU ShardedTensorFactory entries (linear_fc1 = [gate; up], saved as two halves)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    return [k for k, v in sharded_sd.items() if isinstance(v, ShardedTensorFactory) and k.endswith("linear_fc1.weight")]
+
+
+def save_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str, release_weights: bool = False) -> None:
+    """Save this rank's part of `model` with dist_checkpointing (torch_dist); collective over all ranks.
+
+    release_weights=True (for converters, which drop the model afterwards) keeps peak memory at the model size:
+    Megatron's writer clones every non-contiguous view, i.e. all gate/up halves of linear_fc1 at once; here each
+    fc1 is split into two owned halves one at a time and the original storage freed. The model is unusable after.
+    """
     from megatron.core import dist_checkpointing
 
     from aapo_megatron.models.weights import unwrap_model
 
     os.makedirs(ckpt_dir, exist_ok=True)
-    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), ckpt_dir)
+    sharded_sd = unwrap_model(model).sharded_state_dict()
+    if release_weights:
+        for key in _swiglu_factories(sharded_sd):
+            factory = sharded_sd[key]
+            halves = factory.build()  # two ShardedTensors viewing the [gate; up] rows
+            for half in halves:
+                half.data = half.data.clone()
+            factory.data.untyped_storage().resize_(0)  # free the fused weight; the halves own the data now
+            sharded_sd[key] = halves
+    dist_checkpointing.save(sharded_sd, ckpt_dir)
 
 
 @torch.no_grad()
 def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
-    """Fill this rank's `model` (any TP/PP) from a dist_checkpointing directory; collective over all ranks."""
+    """Fill this rank's `model` (any TP/PP) from a dist_checkpointing directory; collective over all ranks.
+
+    Tensors are read in place into the parameters. For linear_fc1 the gate and up halves are read straight
+    into views of the parameter, instead of Megatron's default of loading both and concatenating a copy.
+    """
     from megatron.core import dist_checkpointing
 
     from aapo_megatron.models.weights import unwrap_model
@@ -166,5 +192,16 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
     if not is_mcore_checkpoint(ckpt_dir):
         raise ConversionError(f"{ckpt_dir} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
     model = unwrap_model(model)
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
+    sharded_sd = model.sharded_state_dict()
+    fused = {}
+    for key in _swiglu_factories(sharded_sd):
+        fused[key] = sharded_sd[key].data  # the parameter's tensor
+        sharded_sd[key] = sharded_sd[key].build()  # two ShardedTensors viewing its halves: loaded in place
+    state = dist_checkpointing.load(sharded_sd, ckpt_dir)
+    for key, tensor in fused.items():
+        halves = state[key]
+        if not all(h.data_ptr() == v.data_ptr() for h, v in zip(halves, tensor.chunk(2, dim=0))):
+            state[key] = torch.cat(halves)  # the loader made copies after all: merge them as Megatron would
+        else:
+            state[key] = tensor
     model.load_state_dict(state, strict=True)

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
@@ -153,8 +154,8 @@ cuda::LogitsView check_logits(const at::Tensor& logits, const char* op) {
   TORCH_CHECK(logits.size(1) > 0, op, ": logits has an empty vocabulary dimension");
   TORCH_CHECK(logits.stride(1) == 1 && (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)), op,
               ": logits rows must be contiguous (stride(1) == 1), got strides ", logits.strides());
-  TORCH_CHECK(logits.size(0) <= static_cast<int64_t>(UINT32_MAX), op, ": too many rows (", logits.size(0),
-              ") for one launch");
+  TORCH_CHECK(logits.size(0) <= static_cast<int64_t>(INT32_MAX), op, ": ", logits.size(0),
+              " rows exceed one launch's grid (one block per row, at most 2^31 - 1)");
   cuda::LogitsView x;
   x.data = logits.data_ptr();
   x.bf16 = logits.scalar_type() == at::kBFloat16;
@@ -176,7 +177,7 @@ at::Tensor check_target(const at::Tensor& target, const at::Tensor& logits, int6
   if (n > 0) {
     const at::Tensor bad = t.lt(0).logical_or_(t.ge(vocab_size));
     if (bad.any().item<bool>()) {
-      const int64_t i = bad.to(at::kInt).argmax().item<int64_t>();
+      const int64_t i = bad.to(at::kFloat).argmax().item<int64_t>();  // the first bad index
       TORCH_CHECK(false, op, ": target[", i, "] = ", t[i].item<int64_t>(), " is outside the vocabulary [0, ",
                   vocab_size, ")");
     }

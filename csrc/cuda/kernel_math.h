@@ -196,9 +196,8 @@ AAPO_HD inline math::SoftmaxStats thread_row_stats(const T* row, int64_t v, int 
 }
 
 // Gradient of one logit (aapo_math.h's formula) with p = exp(x - log Z).
-// p == 0 (x = -inf, a masked entry, or underflow) drops the entropy term, whose limit p * log p -> 0: the formula
-// would multiply 0 by g_ent * (-FLT_MAX + H), which overflows to inf (0 * inf = NaN) once |g_ent| > 1.
-// (Candidate fix for aapo_math.h's logprob_entropy_grad itself; the CPU kernel returns NaN there.)
+// p == 0 (x = -inf, a masked entry, or underflow) drops the entropy term, whose limit is p * log p -> 0, so no
+// 0 * (g_ent * huge shift) product can overflow to 0 * inf = NaN however math::finite_shift clamps the shift.
 AAPO_HD inline float logit_grad(float x, bool is_target, float logz, float entropy, float g_logp, float g_ent) {
   const float p = expf(math::finite_shift(x, logz));
   return math::logprob_entropy_grad(x, p, is_target, logz, entropy, g_logp, p == 0.f ? 0.f : g_ent);

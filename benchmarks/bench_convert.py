@@ -1,0 +1,189 @@
+"""Checkpoint conversion: wall time and peak RSS of `aapo-convert` on a ~1 GB model, against the memory bound.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_convert.py [--workers 1,2,4] [--shard-size 200MB]
+
+A random Llama (H=2048, 8 layers, GQA 16/4, vocab 32000: 492M parameters, 0.98 GB in bf16)
+is built with transformers from a config and saved with `max_shard_size`, so it has several
+shards. Each conversion runs as the real CLI in a subprocess; the benchmark polls the
+VmHWM (kernel peak-RSS high-water mark) of every process in its tree. Printed per run:
+
+    bound = 2 x largest shard + model size / workers     (the issue's budget for one worker)
+    peak  = the largest peak RSS of any worker process
+    peak - base = the same minus a worker's fixed footprint (python + torch + megatron imported, no weights)
+
+and the ratios peak / bound and (peak - base) / bound. For mcore-to-hf the "shard" is the
+output shard cap (the writer buffers at most one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+MODEL = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+    num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+)
+
+
+def _hwm_bytes(pid: int) -> int:
+    """Peak RSS (VmHWM) of a live process, bytes; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+def run_measured(argv: list[str]) -> tuple[float, int, int, int]:
+    """Run argv; return (seconds, parent peak RSS, largest descendant peak RSS, peak of the tree's summed PSS).
+
+    Peak RSS per process is the kernel's VmHWM (exact). The tree total uses PSS, sampled every ~0.25 s:
+    dist_checkpointing forks writer processes that share the model's pages, which RSS would count twice.
+    """
+    import psutil
+
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=REPO)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peaks: dict[int, int] = {}
+    tree_peak = 0
+    tick = 0
+    while proc.poll() is None:
+        try:
+            procs = [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        total = 0
+        for p in procs:
+            hwm = _hwm_bytes(p.pid)
+            if hwm:
+                peaks[p.pid] = max(peaks.get(p.pid, 0), hwm)
+            if tick % 5 == 0:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+        tree_peak = max(tree_peak, total)
+        tick += 1
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{err[-3000:]}")
+    parent = peaks.pop(proc.pid, 0)
+    return seconds, parent, max(peaks.values(), default=0), tree_peak
+
+
+def worker_baseline() -> int:
+    """Peak RSS of a process that imports what a conversion worker imports and initialises gloo, no weights."""
+    code = (
+        "import os, torch, torch.distributed as dist\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29581', RANK='0', WORLD_SIZE='1')\n"
+        "from aapo_megatron.config import ParallelConfig\n"
+        "from aapo_megatron.models.parallel import init_distributed\n"
+        "import aapo_megatron.convert.hf_to_mcore, aapo_megatron.convert.mcore_to_hf\n"
+        "import aapo_megatron.models.gpt, aapo_megatron.models.weights\n"
+        "from megatron.core import dist_checkpointing\n"
+        "init_distributed(ParallelConfig(backend='gloo'))\n"
+        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    return int(res.stdout.strip().splitlines()[-1]) * 1024
+
+
+def build_model(path: str, shard_size: str) -> None:
+    """Random bf16 Llama of MODEL saved as sharded safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**MODEL)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=shard_size)
+    del model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts (each divides 8 layers)")
+    ap.add_argument("--shard-size", default="200MB", help="max_shard_size of the input (and output) shards")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, deleted at the end)")
+    args = ap.parse_args()
+
+    from aapo_megatron.convert.hf_io import HFCheckpointReader, parse_size
+
+    work = args.dir or tempfile.mkdtemp(prefix="bench_convert_")
+    os.makedirs(work, exist_ok=True)
+    hf = os.path.join(work, "hf")
+    try:
+        if not os.path.isfile(os.path.join(hf, "config.json")):
+            t0 = time.perf_counter()
+            build_model(hf, args.shard_size)
+            print(f"built the model in {time.perf_counter() - t0:.1f} s")
+        reader = HFCheckpointReader(hf)
+        model_bytes, shard_bytes = reader.total_bytes, reader.max_shard_bytes
+        print(f"model: {model_bytes / 1e9:.3f} GB bf16 in {len(reader.files)} shards, "
+              f"largest {shard_bytes / 1e6:.0f} MB; {os.cpu_count()} CPUs, OMP_NUM_THREADS="
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
+        base = worker_baseline()
+        print(f"worker baseline (python + torch + megatron + gloo, no weights): {base / 2**20:.0f} MiB\n")
+
+        cli = [sys.executable, "-W", "ignore", "-m", "aapo_megatron.convert.cli"]
+        rows = []
+        for w in (int(x) for x in args.workers.split(",")):
+            mc, back = os.path.join(work, f"mcore_w{w}"), os.path.join(work, f"hf_w{w}")
+            s, parent, peak, tree = run_measured(cli + ["hf-to-mcore", "--hf-dir", hf, "--out", mc, "--workers",
+                                                        str(w), "--force", "--no-progress"])
+            rows.append(("hf-to-mcore", w, s, shard_bytes, model_bytes, parent, peak, tree))
+            out_shard = parse_size(args.shard_size)
+            s, parent, peak, tree = run_measured(cli + ["mcore-to-hf", "--ckpt", mc, "--out", back, "--workers",
+                                                        str(w), "--max-shard-size", args.shard_size, "--force",
+                                                        "--no-progress"])
+            rows.append(("mcore-to-hf", w, s, out_shard, model_bytes, parent, peak, tree))
+            # sanity: the round trip is exact
+            a, b = HFCheckpointReader(hf), HFCheckpointReader(back)
+            for name in ("model.layers.7.mlp.down_proj.weight", "lm_head.weight"):
+                import torch
+
+                assert torch.equal(a.load([name])[name], b.load([name])[name]), name
+            shutil.rmtree(back)
+            shutil.rmtree(mc)
+
+        mib = lambda b: f"{b / 2**20:7.0f}"  # noqa: E731
+        print(f"{'direction':<12} {'W':>2} {'time s':>7} {'bound MiB':>9} {'peak MiB':>8} {'base':>5} "
+              f"{'peak/bound':>10} {'(peak-base)/bound':>17} {'parent MiB':>10} {'tree PSS MiB':>12}")
+        results = []
+        for direction, w, s, shard, model, parent, peak, tree in rows:
+            bound = 2 * shard + model / w
+            print(f"{direction:<12} {w:>2} {s:7.1f} {mib(bound):>9} {mib(peak):>8} {mib(base)[-5:]:>5} "
+                  f"{peak / bound:10.2f} {(peak - base) / bound:17.2f} {mib(parent):>10} {mib(tree):>12}")
+            results.append(dict(direction=direction, workers=w, seconds=round(s, 2), bound_bytes=int(bound),
+                                peak_worker_rss=peak, worker_baseline_rss=base, parent_peak_rss=parent,
+                                tree_peak_pss=tree, ratio=round(peak / bound, 3),
+                                ratio_minus_baseline=round((peak - base) / bound, 3)))
+        print("\n" + json.dumps({"model_bytes": model_bytes, "largest_shard_bytes": shard_bytes, "runs": results}))
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -116,20 +116,17 @@ class TrainingJob:
 
     # ================================================================== set-up
     def _tokenizer(self):
-        from aapo_megatron.data.tokenizer import corpus_texts, load_tokenizer, train_sentencepiece_tokenizer
+        """model.tokenizer, else one trained once into <run_dir>/tokenizer (data.train_tokenizer), else model.path."""
+        from aapo_megatron.data.tokenizer import tokenizer_for_config
 
         cfg = self.cfg
-        path = cfg.model.tokenizer or cfg.model.path
-        if cfg.data.train_tokenizer and cfg.model.tokenizer is None:
-            path = os.path.join(self.run_dir, TOKENIZER_DIR)
-            if self.is_rank0 and not os.path.isdir(path):
-                log.info("training a sentencepiece tokenizer (vocab %d) -> %s", cfg.model.scratch.vocab_size, path)
-                train_sentencepiece_tokenizer(corpus_texts(cfg.data), path, vocab_size=cfg.model.scratch.vocab_size)
-            _barrier()
-        if path is None:
+        if cfg.model.tokenizer is None and not cfg.data.train_tokenizer and cfg.model.path is None:
             raise ConfigError("no tokenizer: set model.tokenizer, model.path, or data.train_tokenizer=true")
-        self.tokenizer_dir = path
-        return load_tokenizer(path)
+        out_dir = os.path.join(self.run_dir, TOKENIZER_DIR)
+        if self.is_rank0:
+            tokenizer_for_config(cfg, out_dir)  # trains (or reuses) on rank 0 only
+        _barrier()
+        return tokenizer_for_config(cfg, out_dir)
 
     def _arch(self):
         from aapo_megatron.models.arch import ArchSpec
@@ -200,8 +197,9 @@ class TrainingJob:
         cfg = self.cfg
         log.info("loading prompts (%s)", cfg.data.source)
         self.train_set = PromptDataset.from_config(cfg.data, self.tokenizer, "train")
-        self.eval_set = PromptDataset.from_config(cfg.data, self.tokenizer, "eval") if cfg.data.eval_size > 0 or cfg.data.eval_path else None
-        self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed)
+        has_eval = cfg.data.eval_size > 0 if cfg.data.source == "reasoning_gym" else cfg.data.eval_path is not None
+        self.eval_set = PromptDataset.from_config(cfg.data, self.tokenizer, "eval") if has_eval else None
+        self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         if self.state.sampler:
             self.sampler.load_state_dict(self.state.sampler)
         self.reward_pool = RewardPool(cfg.reward)
@@ -342,7 +340,7 @@ class TrainingJob:
 
         steps = self.cfg.trainer.sft_steps
         prompts = PromptDataset.from_config(self.cfg.data, self.tokenizer, "train")
-        sampler = ResumableSampler(len(prompts), seed=self.cfg.data.seed + 1)
+        sampler = ResumableSampler(len(prompts), seed=self.cfg.data.seed + 1, shuffle=self.cfg.data.shuffle)
         self._build_optimizer(lr=self.cfg.trainer.sft_lr, total_updates=steps, constant=True)
         log.info("SFT warm start: %d steps of %d pairs, lr %g", steps, self.cfg.trainer.sft_batch_size,
                  self.cfg.trainer.sft_lr)

@@ -147,6 +147,13 @@ AAPO_HD inline RowSplit split_row(const T* row, int64_t v) {
   return s;
 }
 
+// Bytes of a row cache that fits any row of v elements of T, whatever its alignment (at most ceil(v / K) vectors).
+template <typename T>
+AAPO_HD inline int64_t row_cache_bytes(int64_t v) {
+  constexpr int64_t K = VecWidth<T>::value;
+  return ((v + K - 1) / K) * kVecBytes;
+}
+
 // ------------------------------------------------------------------------------------------------ log-softmax rows
 
 // Loads issued back to back before any is consumed, per thread (memory-level parallelism).
@@ -169,8 +176,11 @@ AAPO_HD inline void softmax_stats_add_chunk(math::SoftmaxStats* s, const float* 
 
 // Stats of the elements of one row that thread `tid` of `nthreads` owns: head/tail element tid, and the vectors
 // tid, tid + nthreads, ... . Every element is owned by exactly one thread (nthreads >= K).
+// With `cache` (room for split_row(row, v).nvec vectors, e.g. shared memory) the thread also keeps its vectors there,
+// so a following thread_row_grad with the same cache reads them back instead of re-reading global memory.
 template <typename T>
-AAPO_HD inline math::SoftmaxStats thread_row_stats(const T* row, int64_t v, int tid, int nthreads) {
+AAPO_HD inline math::SoftmaxStats thread_row_stats(const T* row, int64_t v, int tid, int nthreads,
+                                                   Words4* cache = nullptr) {
   constexpr int K = VecWidth<T>::value;
   const RowSplit sp = split_row(row, v);
   math::SoftmaxStats s = math::softmax_stats_empty();
@@ -186,6 +196,7 @@ AAPO_HD inline math::SoftmaxStats thread_row_stats(const T* row, int64_t v, int 
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t idx = base + static_cast<int64_t>(u) * nthreads;
       if (idx < sp.nvec) {
+        if (cache != nullptr) cache[idx] = raw[u];
         float x[K];
         unpack(raw[u], x, static_cast<const T*>(nullptr));
         softmax_stats_add_chunk(&s, x, K);
@@ -205,9 +216,11 @@ AAPO_HD inline float logit_grad(float x, bool is_target, float logz, float entro
 
 // Writes the gradient of the elements thread `tid` owns (the same ownership as thread_row_stats) into out_row, which
 // may be row itself: each element is read and then written by the same thread. `target_local` < 0: not in the shard.
+// `cache`: the vectors thread_row_stats stored for this row (read instead of global memory), or nullptr.
 template <typename T>
 AAPO_HD inline void thread_row_grad(const T* row, T* out_row, int64_t v, int64_t target_local, float logz,
-                                    float entropy, float g_logp, float g_ent, int tid, int nthreads) {
+                                    float entropy, float g_logp, float g_ent, int tid, int nthreads,
+                                    const Words4* cache = nullptr) {
   constexpr int K = VecWidth<T>::value;
   const RowSplit sp = split_row(row, v);
   const RowSplit so = split_row(static_cast<const T*>(out_row), v);
@@ -231,7 +244,7 @@ AAPO_HD inline void thread_row_grad(const T* row, T* out_row, int64_t v, int64_t
     Words4 raw[kUnroll];
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t idx = base + static_cast<int64_t>(u) * nthreads;
-      if (idx < sp.nvec) raw[u] = load16(vec + idx * K);
+      if (idx < sp.nvec) raw[u] = cache != nullptr ? cache[idx] : load16(vec + idx * K);
     }
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t idx = base + static_cast<int64_t>(u) * nthreads;

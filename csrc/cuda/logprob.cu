@@ -15,7 +15,8 @@ namespace cuda {
 
 namespace {
 
-constexpr int kThreads = 256;  // per block (one row); >= 8 so head and tail elements each have an owner
+constexpr int kThreads = 256;       // per block (one row); >= 8 so head and tail elements each have an owner
+constexpr int kFusedThreads = 512;  // fused kernel: fewer resident blocks when a row sits in shared memory
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
 
 __device__ __forceinline__ math::SoftmaxStats warp_merge(math::SoftmaxStats s) {
@@ -29,15 +30,17 @@ __device__ __forceinline__ math::SoftmaxStats warp_merge(math::SoftmaxStats s) {
   return s;
 }
 
-// Stats of the whole block, returned to every thread: warp butterflies, then each warp merges the warp totals.
-// `scratch` holds kThreads / kWarp entries; one call per kernel (no barrier protects a second use).
+// Stats of the whole block of kBlock threads (<= 1024), returned to every thread: warp butterflies, then each warp
+// merges the warp totals. `scratch` holds kBlock / kWarp entries; one call per kernel (no barrier guards a reuse).
+template <int kBlock>
 __device__ __forceinline__ math::SoftmaxStats block_merge(math::SoftmaxStats s, math::SoftmaxStats* scratch) {
+  static_assert(kBlock % kWarp == 0 && kBlock / kWarp <= kWarp, "block_merge: kBlock must be 32..1024, whole warps");
   const int lane = static_cast<int>(threadIdx.x) % kWarp;
   const int warp = static_cast<int>(threadIdx.x) / kWarp;
   s = warp_merge(s);
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
-  s = lane < kThreads / kWarp ? scratch[lane] : math::softmax_stats_empty();
+  s = lane < kBlock / kWarp ? scratch[lane] : math::softmax_stats_empty();
   return warp_merge(s);
 }
 
@@ -61,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i = blockIdx.x;
   const T* row = x + i * stride;
   math::SoftmaxStats s = thread_row_stats(row, v, static_cast<int>(threadIdx.x), kThreads);
-  s = block_merge(s, scratch);
+  s = block_merge<kThreads>(s, scratch);
   if (threadIdx.x == 0) write_stats(stats + 4 * i, s, target_logit_or_zero(row, v, target[i] - vocab_start));
 }
 
@@ -79,21 +82,58 @@ __global__ void __launch_bounds__(kThreads)
                   static_cast<int>(threadIdx.x), kThreads);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+// kCache: the row's 16-byte vectors stay in dynamic shared memory (row_cache_bytes<T>(v) bytes) between the stats
+// and the gradient, so each logit is read from global memory once; otherwise the second read relies on L2.
+template <typename T, bool kCache>
+__global__ void __launch_bounds__(kFusedThreads)
     fused_fwd_bwd_kernel(const T* x, int64_t v, int64_t stride, const int64_t* target, const float* grad_logp,
                          float* stats, T* out, int64_t out_stride) {
-  __shared__ math::SoftmaxStats scratch[kThreads / kWarp];
+  __shared__ math::SoftmaxStats scratch[kFusedThreads / kWarp];
+  extern __shared__ Words4 row_cache[];
+  Words4* cache = kCache ? row_cache : nullptr;
   const int64_t i = blockIdx.x;
   const T* row = x + i * stride;
   const int64_t t = target[i];
+  const int tid = static_cast<int>(threadIdx.x);
   // Read before block_merge's barrier: after it, other threads may overwrite the row (in-place gradient).
-  const float target_logit = threadIdx.x == 0 ? target_logit_or_zero(row, v, t) : 0.f;
-  math::SoftmaxStats s = thread_row_stats(row, v, static_cast<int>(threadIdx.x), kThreads);
-  s = block_merge(s, scratch);
-  if (threadIdx.x == 0) write_stats(stats + 4 * i, s, target_logit);
+  const float target_logit = tid == 0 ? target_logit_or_zero(row, v, t) : 0.f;
+  math::SoftmaxStats s = thread_row_stats(row, v, tid, kFusedThreads, cache);
+  s = block_merge<kFusedThreads>(s, scratch);
+  if (tid == 0) write_stats(stats + 4 * i, s, target_logit);
   thread_row_grad(row, out + i * out_stride, v, (t >= 0 && t < v) ? t : int64_t{-1}, math::log_partition(s), 0.f,
-                  grad_logp[i], 0.f, static_cast<int>(threadIdx.x), kThreads);
+                  grad_logp[i], 0.f, tid, kFusedThreads, cache);
+}
+
+// Largest dynamic shared memory one block of the current device may use (opt-in limit), minus the static scratch.
+cudaError_t max_dynamic_smem(int64_t* bytes) {
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  *bytes = static_cast<int64_t>(optin) - static_cast<int64_t>(sizeof(math::SoftmaxStats)) * (kFusedThreads / kWarp);
+  return err;
+}
+
+template <typename T>
+cudaError_t launch_fused(const LogitsView& x, const int64_t* target, const float* grad_logp, float* stats,
+                         void* grad_out, int64_t out_stride, cudaStream_t stream) {
+  const T* data = static_cast<const T*>(x.data);
+  T* out = static_cast<T*>(grad_out);
+  const unsigned blocks = static_cast<unsigned>(x.n);
+  const int64_t cache_bytes = row_cache_bytes<T>(x.v);
+  int64_t smem_limit = 0;
+  cudaError_t err = max_dynamic_smem(&smem_limit);
+  if (err != cudaSuccess) return err;
+  if (cache_bytes <= smem_limit) {
+    err = cudaFuncSetAttribute(fused_fwd_bwd_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(cache_bytes));
+    if (err != cudaSuccess) return err;
+    fused_fwd_bwd_kernel<T, true><<<blocks, kFusedThreads, static_cast<size_t>(cache_bytes), stream>>>(
+        data, x.v, x.stride, target, grad_logp, stats, out, out_stride);
+  } else {
+    fused_fwd_bwd_kernel<T, false><<<blocks, kFusedThreads, 0, stream>>>(data, x.v, x.stride, target, grad_logp,
+                                                                         stats, out, out_stride);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -133,17 +173,8 @@ cudaError_t launch_logprob_shard_backward(const LogitsView& x, const int64_t* ta
 cudaError_t launch_logprob_fused_fwd_bwd(const LogitsView& x, const int64_t* target, const float* grad_logp,
                                          float* stats, void* grad_out, int64_t out_stride, cudaStream_t stream) {
   if (x.n == 0) return cudaSuccess;
-  const unsigned blocks = static_cast<unsigned>(x.n);
-  if (x.bf16) {
-    fused_fwd_bwd_kernel<Bf16Bits><<<blocks, kThreads, 0, stream>>>(static_cast<const Bf16Bits*>(x.data), x.v,
-                                                                     x.stride, target, grad_logp, stats,
-                                                                     static_cast<Bf16Bits*>(grad_out), out_stride);
-  } else {
-    fused_fwd_bwd_kernel<float><<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(x.data), x.v, x.stride,
-                                                                  target, grad_logp, stats,
-                                                                  static_cast<float*>(grad_out), out_stride);
-  }
-  return cudaGetLastError();
+  return x.bf16 ? launch_fused<Bf16Bits>(x, target, grad_logp, stats, grad_out, out_stride, stream)
+                : launch_fused<float>(x, target, grad_logp, stats, grad_out, out_stride, stream);
 }
 
 }  // namespace cuda

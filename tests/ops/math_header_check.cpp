@@ -11,7 +11,7 @@
 //       DTYPE f32|bf16; logits.bin holds OFFSET + (N-1)*STRIDE + V elements, row i starting at OFFSET + i*STRIDE.
 //       outdir/: stats.bin [N,4] (block kernel), seq_stats.bin [N,3] (header's scalar softmax_stats_add),
 //       grad.bin [N,V] (out of place), grad_inplace.bin [N,V], fused_stats.bin [N,4], fused_grad.bin [N,V]
-//       (in place, TP=1), all float32.
+//       (in place, TP=1, row cached between the passes), fused_{stats,grad}_nocache.bin (no cache), all float32.
 //   math_header_check bf16_round N in.bin out.bin      out: bf16 bits (uint16) of each float32 input
 #include <cstdio>
 #include <cstdlib>
@@ -29,7 +29,8 @@ namespace am = aapo::math;
 
 namespace {
 
-constexpr int kThreads = 256;  // csrc/cuda/logprob.cu
+constexpr int kThreads = 256;       // csrc/cuda/logprob.cu: stats and backward kernels
+constexpr int kFusedThreads = 512;  // csrc/cuda/logprob.cu: fused kernel
 constexpr int kWarp = ac::kWarp;
 
 template <typename T>
@@ -69,7 +70,8 @@ SoftmaxStats block_merge(std::vector<SoftmaxStats> s) {
   auto merge = [](SoftmaxStats a, SoftmaxStats b) { return am::softmax_stats_merge(a, b); };
   SoftmaxStats totals[kWarp];
   for (int l = 0; l < kWarp; ++l) totals[l] = am::softmax_stats_empty();
-  for (int w = 0; w < kThreads / kWarp; ++w) {
+  const int nwarps = static_cast<int>(s.size()) / kWarp;
+  for (int w = 0; w < nwarps; ++w) {
     butterfly(s.data() + w * kWarp, merge);
     totals[w] = s[w * kWarp];
   }
@@ -175,9 +177,9 @@ struct AlignedRows {
 };
 
 template <typename T>
-SoftmaxStats block_row_stats(const T* row, int64_t v) {
-  std::vector<SoftmaxStats> s(kThreads);
-  for (int t = 0; t < kThreads; ++t) s[t] = ac::thread_row_stats(row, v, t, kThreads);
+SoftmaxStats block_row_stats(const T* row, int64_t v, int nthreads = kThreads, ac::Words4* cache = nullptr) {
+  std::vector<SoftmaxStats> s(nthreads);
+  for (int t = 0; t < nthreads; ++t) s[t] = ac::thread_row_stats(row, v, t, nthreads, cache);
   return block_merge(s);
 }
 
@@ -236,23 +238,33 @@ int run_logprob(char** argv) {
       for (int64_t j = 0; j < v; ++j) grad_inplace[i * v + j] = ac::to_float(row[j]);
     }
   }
-  // logprob.cu fused_fwd_bwd_kernel (TP=1: target is a full-vocabulary index), in place.
-  {
+  // logprob.cu fused_fwd_bwd_kernel (TP=1: target is a full-vocabulary index), in place, with the row cache
+  // (shared memory on the GPU) and without it (second read from global memory).
+  std::vector<float> fstats_nc(n * 4), fgrad_nc(n * v);
+  for (const bool use_cache : {true, false}) {
     AlignedRows<T> y(logits_in);
+    std::vector<ac::Words4> cache(ac::row_cache_bytes<T>(v) / ac::kVecBytes);
+    float* fs = use_cache ? fstats.data() : fstats_nc.data();
+    float* fg = use_cache ? fgrad.data() : fgrad_nc.data();
     for (int64_t i = 0; i < n; ++i) {
       T* row = y.data + offset + i * stride;
       const int64_t t = target[i];
       const float target_logit = (t >= 0 && t < v) ? ac::to_float(row[t]) : 0.f;
-      const SoftmaxStats s = block_row_stats(static_cast<const T*>(row), v);
-      fstats[4 * i + 0] = s.max;
-      fstats[4 * i + 1] = s.sumexp;
-      fstats[4 * i + 2] = s.sum_pd;
-      fstats[4 * i + 3] = target_logit;
-      for (int th = 0; th < kThreads; ++th) {
-        ac::thread_row_grad(row, row, v, (t >= 0 && t < v) ? t : int64_t{-1}, am::log_partition(s), 0.f,
-                            grad_logp[i], 0.f, th, kThreads);
+      ac::Words4* c = use_cache ? cache.data() : nullptr;
+      const SoftmaxStats s = block_row_stats(static_cast<const T*>(row), v, kFusedThreads, c);
+      fs[4 * i + 0] = s.max;
+      fs[4 * i + 1] = s.sumexp;
+      fs[4 * i + 2] = s.sum_pd;
+      fs[4 * i + 3] = target_logit;
+      if (use_cache) {  // poison the row's vectors in memory: the gradient pass must take them from the cache
+        const ac::RowSplit sp = ac::split_row(static_cast<const T*>(row), v);
+        for (int64_t j = sp.head; j < sp.tail_begin; ++j) row[j] = ac::from_float<T>(NAN);
       }
-      for (int64_t j = 0; j < v; ++j) fgrad[i * v + j] = ac::to_float(row[j]);
+      for (int th = 0; th < kFusedThreads; ++th) {
+        ac::thread_row_grad(row, row, v, (t >= 0 && t < v) ? t : int64_t{-1}, am::log_partition(s), 0.f,
+                            grad_logp[i], 0.f, th, kFusedThreads, c);
+      }
+      for (int64_t j = 0; j < v; ++j) fg[i * v + j] = ac::to_float(row[j]);
     }
   }
   write_file(dir + "/stats.bin", stats.data(), stats.size());
@@ -261,6 +273,8 @@ int run_logprob(char** argv) {
   write_file(dir + "/grad_inplace.bin", grad_inplace.data(), grad_inplace.size());
   write_file(dir + "/fused_stats.bin", fstats.data(), fstats.size());
   write_file(dir + "/fused_grad.bin", fgrad.data(), fgrad.size());
+  write_file(dir + "/fused_stats_nocache.bin", fstats_nc.data(), fstats_nc.size());
+  write_file(dir + "/fused_grad_nocache.bin", fgrad_nc.data(), fgrad_nc.size());
   return 0;
 }
 

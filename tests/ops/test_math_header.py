@@ -303,7 +303,9 @@ def test_fused_forward_backward_matches_cpu_op(checker, tmp_path, dtype):
          _save(tmp_path / "t.bin", target), _save(tmp_path / "lz.bin", zeros), _save(tmp_path / "h.bin", zeros),
          _save(tmp_path / "gl.bin", grad_logp), _save(tmp_path / "ge.bin", zeros), outdir)
     stats = _load(outdir / "fused_stats.bin", n, 4)
-    grad = _load(outdir / "fused_grad.bin", n, v)
+    grad = _load(outdir / "fused_grad.bin", n, v)  # row kept in the cache (shared memory) between the passes
+    assert torch.equal(_load(outdir / "fused_stats_nocache.bin", n, 4), stats)
+    assert torch.equal(_load(outdir / "fused_grad_nocache.bin", n, v), grad)
 
     cpu_grad = torch.empty_like(x)
     cpu_stats = torch.ops.aapo.logprob_fused_fwd_bwd(x, target, grad_logp, cpu_grad)

@@ -4,7 +4,7 @@ For logits [N, V] (bf16 and fp32) it times, with CUDA events (median of --iters 
     copy          dst.copy_(logits)                          2 x logits bytes (read + write): the bandwidth yardstick
     stats         torch.ops.aapo.logprob_shard_stats         1 x (read)
     backward      torch.ops.aapo.logprob_shard_backward      2 x (read + write), in place over the logits
-    fused         torch.ops.aapo.logprob_fused_fwd_bwd       2 x (read + write; the row's second read should hit L2)
+    fused         torch.ops.aapo.logprob_fused_fwd_bwd       2 x (read + write; the row is re-read from shared memory)
     ours fwd+bwd  vocab_parallel_logprob + backward          3 x (stats, then the in-place backward)
     megatron      vocab_parallel_cross_entropy fwd+bwd       (fp32 copy of bf16 logits, softmax kept for backward)
     log_softmax   log_softmax + gather fwd+bwd

@@ -39,7 +39,8 @@ cudaError_t launch_logprob_shard_backward(const LogitsView& x, const int64_t* ta
                                           cudaStream_t stream);
 
 // TP=1: stats as launch_logprob_shard_stats (vocab_start 0) and grad_out = d(g_logp * log p(target)) / dx per row,
-// in one kernel (the second read of a row hits L2). grad_out may be x itself.
+// in one kernel: the row stays in shared memory between the two passes when it fits (else the re-read hits L2).
+// grad_out may be x itself.
 cudaError_t launch_logprob_fused_fwd_bwd(const LogitsView& x, const int64_t* target, const float* grad_logp,
                                          float* stats, void* grad_out, int64_t out_stride, cudaStream_t stream);
 

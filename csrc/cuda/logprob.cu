@@ -5,6 +5,9 @@
 // 8 bf16) after a scalar head up to the first 16-byte boundary, keeps an online (max, sumexp, sum_pd) in fp32
 // (aapo_math.h's SoftmaxStats), and the block merges them with warp shuffles and math::softmax_stats_merge.
 // The backward reads and writes each element once, by the same thread, so it may run in place over the logits.
+// The fused TP=1 kernel keeps the row's vectors in shared memory from the stats pass to the gradient pass when the
+// row fits the device's per-block limit (bf16 rows up to ~113k logits on H100, ~81k on A100), so each logit is read
+// from global memory once and written once.
 // The TP all-reduces and the finalisation (log Z, log p, H) stay in Python, as on CPU.
 #include <cuda_runtime.h>
 

@@ -14,6 +14,7 @@ import torch
 from tests.models.layouts import LAYOUT_IDS, LAYOUTS, run_layout, scratch_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=LAYOUT_IDS)
 def test_forward_backward(tp: int, pp: int):
     """Loss finite and equal to HF's; every parameter gets a finite non-zero gradient equal to HF's."""

@@ -12,6 +12,9 @@ import pytest
 from tests.models.layouts import LAYOUT_IDS, LAYOUTS, run_layout
 from tests.models.tiny_hf import KINDS, ODD_VOCAB_KIND
 
+# One spawned job per layout (shared with test_gpt.py), 15-60 s each depending on machine load.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("kind", KINDS + (ODD_VOCAB_KIND,))
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=LAYOUT_IDS)

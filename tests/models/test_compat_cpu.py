@@ -108,7 +108,7 @@ LR, CLIP = 0.5, 1e-2
 
 
 def _optimizer_body(rank: int, world_size: int):
-    """PP=2, tied embeddings: Megatron DDP + finalize_model_grads + get_megatron_optimizer (SGD, clip_grad)."""
+    """Slurm env, PP=2, tied embeddings: Megatron DDP + finalize_model_grads + get_megatron_optimizer (SGD, clip_grad)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -122,7 +122,14 @@ def _optimizer_body(rank: int, world_size: int):
     from tests.models.layouts import _loss_inputs, hf_from_spec
     from tests.models.tiny_hf import padded_batch, pipeline_forward
 
-    init_distributed(ParallelConfig(pipeline_model_parallel_size=2))
+    import os
+
+    # Bring the job up from a Slurm-style environment (srun): rank/size/local id from SLURM_*, the master
+    # from the first host of SLURM_JOB_NODELIST; the port is the harness's free port.
+    slurm_env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(world_size), "SLURM_LOCALID": str(rank),
+                 "SLURM_JOB_NODELIST": "localhost,node[02-03]", "SLURM_JOB_ID": "77",
+                 "MASTER_PORT": os.environ["MASTER_PORT"]}
+    env = init_distributed(ParallelConfig(pipeline_model_parallel_size=2), environ=slurm_env)
     seed_everything(3)
     spec = ArchSpec.from_scratch(ScratchModelConfig(architecture="qwen2", hidden_size=32, num_layers=2,
                                                     num_attention_heads=4, num_key_value_heads=2, ffn_hidden_size=48,
@@ -150,7 +157,7 @@ def _optimizer_body(rank: int, world_size: int):
     pipeline_forward(ddp, ids, pos, attn_mask, loss_fn=loss_fn, forward_only=False)
     ok, grad_norm, _ = opt.step()
     after = gather_hf_state_dict(ddp, mapping)
-    out = {"ok": ok, "grad_norm": grad_norm, "layout": current_layout()}
+    out = {"ok": ok, "grad_norm": grad_norm, "layout": current_layout(), "env": env}
     if current_layout().is_last_stage:
         out["output_copy"] = dict(policy.named_parameters())[OUTPUT_LAYER].detach().clone()
     teardown_distributed()
@@ -174,6 +181,9 @@ def _optimizer_body(rank: int, world_size: int):
 @pytest.mark.slow
 def test_megatron_ddp_optimizer_step_with_clipping_pp2_tied():
     r0, r1 = run_ranks(_optimizer_body, world_size=2, env={"OMP_NUM_THREADS": "1"})
+    assert [r["env"].launcher for r in (r0, r1)] == ["slurm", "slurm"]
+    assert [(r["env"].rank, r["env"].master_addr) for r in (r0, r1)] == [(0, "localhost"), (1, "localhost")]
+    assert [r["layout"].pp_rank for r in (r0, r1)] == [0, 1]
     assert r0["ok"] and r1["ok"]
     assert abs(r0["grad_norm"] - r1["grad_norm"]) < 1e-9
     assert r0["hf_norm"] > 10 * CLIP  # clipping is active

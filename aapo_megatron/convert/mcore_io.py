@@ -137,6 +137,8 @@ def validate_mcore_checkpoint(ckpt_dir: str, spec: ArchSpec) -> torch.dtype:
                 f"({spec.hf_architecture} with tie_word_embeddings={spec.tie_word_embeddings} needs it)"
             )
         got, _ = stored[key]
+        if key in _VOCAB_KEYS and got[1:] == shape[1:] and got[0] >= shape[0]:
+            continue  # saved at a TP that padded the vocabulary; the extra rows are dropped on load
         if got != shape:
             raise ShapeMismatchError(
                 f"tensor '{key}' has shape {list(got)} in the Megatron checkpoint {ckpt_dir} "
@@ -145,6 +147,9 @@ def validate_mcore_checkpoint(ckpt_dir: str, spec: ArchSpec) -> torch.dtype:
     from aapo_megatron.convert.mapping import EMBEDDING
 
     return stored[EMBEDDING][1]
+
+
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _swiglu_factories(sharded_sd: dict) -> list[str]:
@@ -193,6 +198,7 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
         raise ConversionError(f"{ckpt_dir} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
     model = unwrap_model(model)
     sharded_sd = model.sharded_state_dict()
+    padded = _reroute_vocab_rows(sharded_sd, checkpoint_tensors(ckpt_dir))
     fused = {}
     for key in _swiglu_factories(sharded_sd):
         fused[key] = sharded_sd[key].data  # the parameter's tensor
@@ -204,4 +210,34 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
             state[key] = torch.cat(halves)  # the loader made copies after all: merge them as Megatron would
         else:
             state[key] = tensor
+    for key, (target, start, full) in padded.items():
+        rows = max(0, min(target.shape[0], full.shape[0] - start))
+        target[:rows].copy_(full[start:start + rows])
+        target[rows:].zero_()  # Megatron's vocab padding rows
+        state[key] = target
     model.load_state_dict(state, strict=True)
+
+
+def _reroute_vocab_rows(sharded_sd: dict, stored: dict) -> dict:
+    """Load vocab tensors whose row count differs from the checkpoint's into a full-size buffer instead.
+
+    Megatron pads the vocabulary to a multiple of TP, so a checkpoint written at one TP can have a different
+    number of embedding/output rows than the model at another TP. Such tensors are read whole (every rank) and
+    this rank's rows copied afterwards. Returns {key: (parameter rows [Vp/tp, H], first global row, buffer)}.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    for key, sh in list(sharded_sd.items()):
+        if not isinstance(sh, ShardedTensor) or sh.key not in _VOCAB_KEYS or sh.key not in stored:
+            continue
+        shape = stored[sh.key][0]
+        if shape[0] == sh.global_shape[0] or tuple(shape[1:]) != tuple(sh.global_shape[1:]):
+            continue
+        full = torch.empty(shape, dtype=sh.data.dtype)  # [V_ckpt, H]
+        # the whole tensor on every TP rank: TP ranks > 0 become replicas (one main replica per shard)
+        replica_id = (sh.replica_id[0], ps.get_tensor_model_parallel_rank(), *sh.replica_id[2:])
+        sharded_sd[key] = ShardedTensor.from_rank_offsets(sh.key, full, replica_id=replica_id)
+        out[key] = (sh.data, sh.global_offset[0], full)
+    return out

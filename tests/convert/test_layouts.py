@@ -1,6 +1,7 @@
 """Converted checkpoints load into Megatron at TP=2, TP=1 and PP=2 (real gloo ranks, real dist_checkpointing).
 
-For every tiny model (Llama with llama3 rope, Qwen2 tied and untied, Qwen3): the conversion
+For every tiny model (Llama with llama3 rope, Qwen2 tied and untied, Qwen3, and a Qwen2 with an
+odd vocabulary that Megatron pads to 98 rows at TP=2, so the two checkpoints differ in rows): the conversion
 workers (PP=2 stages) write the checkpoint; it loads at TP=2 with HF's logits; the TP=2
 model is saved again (as training would) and that checkpoint loads at TP=1 and at PP=2
 with the same logits; finally the TP=2-saved checkpoint is exported to HF and compared
@@ -17,8 +18,8 @@ import torch
 from tests.distributed import run_ranks
 
 
-def _forward(model, ids, pad):
-    """Last-stage full-vocab logits [B, S, V] (None on other stages)."""
+def _forward(model, ids, pad, vocab_size):
+    """Last-stage logits [B, S, V] without Megatron's vocab padding (None on other stages)."""
     from aapo_megatron.models.gpt import attention_mask_and_position_ids
     from tests.models.tiny_hf import gather_vocab, pipeline_forward
 
@@ -26,7 +27,7 @@ def _forward(model, ids, pad):
     with torch.no_grad():
         out = pipeline_forward(model, ids, pos, mask)
     logits = out[0] if isinstance(out, tuple) else out
-    return None if logits is None else gather_vocab(logits)
+    return None if logits is None else gather_vocab(logits, vocab_size)
 
 
 def _load(spec, ckpt, tp, pp):
@@ -59,11 +60,11 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
         _hf_to_mcore_worker(rank, world, hf_dir, mc, "float32", False)
         # 2. load at TP=2, compare with HF; save again at TP=2
         model = _load(spec, mc, tp=2, pp=1)
-        r = {"tp2": _forward(model, ids, pad)}
+        r = {"tp2": _forward(model, ids, pad, spec.vocab_size)}
         save_mcore_checkpoint(model, mc_tp2)
         # 3. the TP=2 checkpoint at TP=1 (2 data-parallel replicas) and at PP=2
-        r["tp1"] = _forward(_load(spec, mc_tp2, tp=1, pp=1), ids, pad)
-        r["pp2"] = _forward(_load(spec, mc_tp2, tp=1, pp=2), ids, pad)
+        r["tp1"] = _forward(_load(spec, mc_tp2, tp=1, pp=1), ids, pad, spec.vocab_size)
+        r["pp2"] = _forward(_load(spec, mc_tp2, tp=1, pp=2), ids, pad, spec.vocab_size)
         # 4. export the TP=2 checkpoint back to HF with the converter's stage workers
         import json
 
@@ -75,6 +76,11 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
             finalize_shards(hf_out, [p for rank_parts in gathered for p in rank_parts])
             write_config(hf_out, config)
         dist.barrier()
+        if rank == 0:
+            from aapo_megatron.convert.mcore_io import checkpoint_tensors
+
+            r["rows"] = (checkpoint_tensors(mc)["embedding.word_embeddings.weight"][0][0],
+                         checkpoint_tensors(mc_tp2)["embedding.word_embeddings.weight"][0][0])
         results[kind] = r
     teardown_distributed()
     return results
@@ -95,6 +101,8 @@ def test_checkpoint_loads_at_tp2_tp1_pp2_and_round_trips(tiny_hf_dirs, tmp_path)
         r0, r1 = per_rank[0][kind], per_rank[1][kind]
         ref = hf_logits[valid]
         assert ref.abs().max() > 0.1
+        vocab = sd["model.embed_tokens.weight"].shape[0]
+        assert r0["rows"] == (vocab, vocab + vocab % 2)  # the TP=2 save pads an odd vocabulary
         # TP=2 from the converted checkpoint: both TP ranks hold the gathered logits
         for r in (r0, r1):
             diff = (r["tp2"][valid] - ref).abs().max().item()

@@ -93,19 +93,20 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
         raise ConversionError(f"Megatron checkpoint directory {ckpt_dir} does not exist")
     if not is_mcore_checkpoint(ckpt_dir):
         raise ConversionError(f"{ckpt_dir} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
-    carried_dir, carried = None, ()
     if hf_config is not None:
+        if not os.path.isfile(hf_config):
+            raise ConversionError(f"--hf-config {hf_config} does not exist")
         with open(hf_config) as f:
             try:
                 config: dict[str, Any] = json.load(f)
             except ValueError as exc:
                 raise ConversionError(f"{hf_config} is not valid JSON: {exc}") from exc
     else:
-        meta = read_checkpoint_metadata(ckpt_dir)
-        config = dict(meta["hf_config"])
-        carried_dir = os.path.join(ckpt_dir, HF_SUBDIR)
-        if os.path.isdir(carried_dir):
-            carried = tuple(f for f in sorted(os.listdir(carried_dir)) if f != CONFIG_NAME)
+        config = dict(read_checkpoint_metadata(ckpt_dir)["hf_config"])
+    # tokenizer / generation files stored by hf-to-mcore travel along in both cases
+    carried_dir = os.path.join(ckpt_dir, HF_SUBDIR)
+    carried = tuple(sorted(os.listdir(carried_dir))) if os.path.isdir(carried_dir) else ()
+    carried = tuple(f for f in carried if f != CONFIG_NAME)
     spec = ArchSpec.from_hf_config(config)  # UnsupportedArchitectureError names it + lists the supported
     # every tensor present with the right global shape (MissingTensorError / ShapeMismatchError name it)
     ckpt_dtype = str(validate_mcore_checkpoint(ckpt_dir, spec)).replace("torch.", "")
@@ -128,7 +129,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
         )
         parts = [p for rank_parts in results for p in rank_parts]
         finalize_shards(tmp, parts)
-        if hf_config is None and os.path.isfile(os.path.join(carried_dir or "", CONFIG_NAME)) and out_dtype == source_dtype:
+        if hf_config is None and os.path.isfile(os.path.join(carried_dir, CONFIG_NAME)) and out_dtype == source_dtype:
             copy_files(carried_dir, tmp, (CONFIG_NAME,))  # the source's config.json, byte for byte
         else:
             write_config(tmp, config)

@@ -67,13 +67,16 @@ def test_cli_bf16_round_trip_and_failures(tmp_path):
     # the output exists: refused without --force, replaced with it
     res = _cli("mcore-to-hf", "--ckpt", str(mc), "--out", str(out))
     assert res.returncode == 1 and f"output directory {out} already exists; pass --force" in res.stderr
-    res = _cli("mcore-to-hf", "--ckpt", str(mc), "--out", str(out), "--force", "--dtype", "float32")
+    # (--hf-config given explicitly this time: the stored tokenizer files still travel along)
+    res = _cli("mcore-to-hf", "--ckpt", str(mc), "--out", str(out), "--force", "--dtype", "float32",
+               "--hf-config", os.path.join(hf, "config.json"))
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
                                        "tokenizer_config.json"]
     assert json.load(open(out / "config.json"))["dtype"] == "float32"
     fp32 = HFCheckpointReader(str(out))
     assert all(fp32.info(n).dtype == torch.float32 for n in fp32.names())
+    assert all(torch.equal(fp32.load([n])[n], sd[n].float()) for n in sd)
 
     # a config that does not fit the checkpoint: the tensor and both shapes are named
     bad_cfg = json.load(open(os.path.join(hf, "config.json")))

@@ -94,10 +94,14 @@ AAPO_HD inline SoftmaxStats softmax_stats_empty() {
   return s;
 }
 
-// x - m clamped to a finite value, so exp(x - m) == 0 terms contribute 0 (not 0 * -inf = NaN) to sum_pd.
+// Lower bound for a shift x - m: exp(-104) is below the smallest fp32 denormal, so exp of anything lower is exactly 0
+// in fp32 and clamping changes no result; it keeps 0 * shift (and g * shift) finite for -inf logits.
+constexpr float kMinShift = -104.f;
+
+// x - m clamped below at kMinShift, so exp(x - m) == 0 terms contribute 0 (not 0 * -inf = NaN).
 AAPO_HD inline float finite_shift(float x, float m) {
   const float d = x - m;
-  return d < -FLT_MAX ? -FLT_MAX : d;
+  return d < kMinShift ? kMinShift : d;
 }
 
 // Re-express stats relative to a new reference max `m_new` >= s.max:
@@ -138,21 +142,25 @@ AAPO_HD inline void softmax_stats_add(SoftmaxStats* s, float x) {
   s->sum_pd += e * d;
 }
 
-// log Z = max + log(sumexp), the log-partition of the full row.
-AAPO_HD inline float log_partition(SoftmaxStats s) { return s.max + logf(s.sumexp); }
+// log p_j = (x_j - max) - log(sumexp), clamped below at kMinShift. Subtracting the max first keeps it exact when all
+// logits share a large offset (|x| ~ 1e4), where max + log(sumexp) would round to ulp(1e4).
+AAPO_HD inline float log_softmax_value(float x, float row_max, float log_sumexp) {
+  const float d = (x - row_max) - log_sumexp;
+  return d < kMinShift ? kMinShift : d;
+}
 
-// Token log-prob log p(target) = x_target - log Z.
-AAPO_HD inline float token_logprob(float target_logit, float logz) { return target_logit - logz; }
+// Token log-prob log p(target), unclamped (-inf for a -inf target logit).
+AAPO_HD inline float token_logprob(float target_logit, float row_max, float log_sumexp) {
+  return (target_logit - row_max) - log_sumexp;
+}
 
 // Entropy H = -sum p log p = log(sumexp) - sum_pd / sumexp (stats relative to the row max).
 AAPO_HD inline float softmax_entropy(SoftmaxStats s) { return logf(s.sumexp) - s.sum_pd / s.sumexp; }
 
-// d/dx_j of (g_logp * log p(target) + g_ent * H) for one logit:
-//   g_logp * [j == target] - p_j * (g_logp + g_ent * (log p_j + H)),   p_j = exp(x_j - log Z).
-// `p` is exp(x - logz) (computed by the caller, possibly with a vectorised exp).
-AAPO_HD inline float logprob_entropy_grad(float x, float p, bool is_target, float logz, float entropy, float g_logp,
+// d/dx_j of (g_logp * log p(target) + g_ent * H) for one logit, given log p_j (log_softmax_value) and p_j = exp of it:
+//   g_logp * [j == target] - p_j * (g_logp + g_ent * (log p_j + H)).
+AAPO_HD inline float logprob_entropy_grad(float logp_j, float p, bool is_target, float entropy, float g_logp,
                                           float g_ent) {
-  const float logp_j = finite_shift(x, logz);
   const float g = -p * (g_logp + g_ent * (logp_j + entropy));
   return is_target ? g + g_logp : g;
 }

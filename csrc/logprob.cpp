@@ -5,6 +5,7 @@
 //                           (sumexp/sum_pd relative to the shard max, see aapo_math.h). The TP all-reduces and
 //                           the finalisation (log Z, log p, H) run in Python on an explicitly passed group.
 //   logprob_shard_backward  one read + one write: grad = g_logp * onehot - p * (g_logp + g_ent * (log p_j + H)),
+//                           log p_j = (x_j - max) - log sumexp (exact for large common offsets),
 //                           written to `grad_out`, which may be the logits buffer itself (in-place backward).
 //   logprob_fused_fwd_bwd   TP=1 with dL/dlogp known before the forward: stats then gradient per row while the
 //                           row is still in cache (one DRAM read + one write in total).
@@ -72,7 +73,7 @@ math::SoftmaxStats row_stats(const scalar_t* x, int64_t v) {
   float m = -INFINITY;
   Vec s0(0.f), s1(0.f), p0(0.f), p1(0.f);
   float s_tail = 0.f, p_tail = 0.f;
-  const Vec lo(-FLT_MAX);
+  const Vec lo(math::kMinShift);
   for (int64_t start = 0; start < v; start += kBlock) {
     const int64_t len = std::min(kBlock, v - start);
     const int64_t nvec = len - len % kChunk;
@@ -123,38 +124,38 @@ math::SoftmaxStats row_stats(const scalar_t* x, int64_t v) {
 }
 
 // grad[j] = d/dx_j (g_logp * log p(target) + g_ent * H) for one row; `target_local` < 0 when not in this shard.
+// The row's full-vocabulary (max, log sumexp) give log p_j = (x_j - max) - log sumexp.
 template <typename scalar_t>
-void row_grad(const scalar_t* x, scalar_t* out, int64_t v, int64_t target_local, float logz, float entropy,
-              float g_logp, float g_ent, bool with_entropy) {
+void row_grad(const scalar_t* x, scalar_t* out, int64_t v, int64_t target_local, float row_max, float log_sumexp,
+              float entropy, float g_logp, float g_ent, bool with_entropy) {
   // Read the target logit first: `out` may alias `x` (in-place backward).
   const float x_target = target_local >= 0 ? static_cast<float>(x[target_local]) : 0.f;
   const int64_t nvec = v - v % kChunk;
-  const Vec lz(logz), ngl(-g_logp), ge(g_ent), hv(entropy), lo(-FLT_MAX);
+  const Vec mv(row_max), ls(log_sumexp), ngl(-g_logp), ge(g_ent), hv(entropy), lo(math::kMinShift);
   Vec a, b;
   if (with_entropy) {
     for (int64_t j = 0; j < nvec; j += kChunk) {
       load2(x + j, a, b);
-      const Vec d0 = at::vec::maximum(a - lz, lo), d1 = at::vec::maximum(b - lz, lo);
+      const Vec d0 = at::vec::maximum((a - mv) - ls, lo), d1 = at::vec::maximum((b - mv) - ls, lo);
       const Vec q0 = d0.exp_u20(), q1 = d1.exp_u20();
       store2(out + j, q0 * (ngl - ge * (d0 + hv)), q1 * (ngl - ge * (d1 + hv)));
     }
   } else {
     for (int64_t j = 0; j < nvec; j += kChunk) {
       load2(x + j, a, b);
-      const Vec q0 = at::vec::maximum(a - lz, lo).exp_u20(), q1 = at::vec::maximum(b - lz, lo).exp_u20();
+      const Vec q0 = at::vec::maximum((a - mv) - ls, lo).exp_u20(), q1 = at::vec::maximum((b - mv) - ls, lo).exp_u20();
       store2(out + j, q0 * ngl, q1 * ngl);
     }
   }
   const float g_e = with_entropy ? g_ent : 0.f;
   for (int64_t j = nvec; j < v; ++j) {
-    const float xj = static_cast<float>(x[j]);
-    const float p = std::exp(math::finite_shift(xj, logz));
-    out[j] = static_cast<scalar_t>(math::logprob_entropy_grad(xj, p, false, logz, entropy, g_logp, g_e));
+    const float lp = math::log_softmax_value(static_cast<float>(x[j]), row_max, log_sumexp);
+    out[j] = static_cast<scalar_t>(math::logprob_entropy_grad(lp, std::exp(lp), false, entropy, g_logp, g_e));
   }
   if (target_local >= 0) {
-    const float p = std::exp(math::finite_shift(x_target, logz));
+    const float lp = math::log_softmax_value(x_target, row_max, log_sumexp);
     out[target_local] =
-        static_cast<scalar_t>(math::logprob_entropy_grad(x_target, p, true, logz, entropy, g_logp, g_e));
+        static_cast<scalar_t>(math::logprob_entropy_grad(lp, std::exp(lp), true, entropy, g_logp, g_e));
   }
 }
 
@@ -251,22 +252,26 @@ at::Tensor logprob_shard_stats(const at::Tensor& logits, const at::Tensor& targe
 
 // Writes d(sum_i g_logp[i] * logp[i] + g_ent[i] * H[i]) / d logits into grad_out (which may alias logits).
 void logprob_shard_backward(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
-                            int64_t vocab_size, const at::Tensor& logz, const at::Tensor& entropy,
+                            int64_t vocab_size, const at::Tensor& row_max, const at::Tensor& log_sumexp,
+                            const at::Tensor& entropy,
                             const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& grad_out) {
   const char* op = "logprob_shard_backward";
   const RowLayout L = check_logits(logits, op);
   check_shard(vocab_start, L.v, vocab_size, op);
   const at::Tensor t = check_target(target, L.n, vocab_size, op);
-  check_row_vector(logz, L.n, "logz", op);
+  check_row_vector(row_max, L.n, "row_max", op);
+  check_row_vector(log_sumexp, L.n, "log_sumexp", op);
   check_row_vector(entropy, L.n, "entropy", op);
   check_row_vector(grad_logp, L.n, "grad_logp", op);
   const bool with_ent = grad_entropy.has_value() && grad_entropy->defined();
   if (with_ent) check_row_vector(*grad_entropy, L.n, "grad_entropy", op);
   check_grad_out(grad_out, logits, op);
-  const auto lz = logz.contiguous(), h = entropy.contiguous(), gl = grad_logp.contiguous();
+  const auto mx = row_max.contiguous(), ls = log_sumexp.contiguous(), h = entropy.contiguous();
+  const auto gl = grad_logp.contiguous();
   const auto ge = with_ent ? grad_entropy->contiguous() : at::Tensor();
-  const float* lzp = lz.data_ptr<float>();
+  const float* mxp = mx.data_ptr<float>();
+  const float* lsp = ls.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const float* glp = gl.data_ptr<float>();
   const float* gep = with_ent ? ge.data_ptr<float>() : nullptr;
@@ -279,7 +284,7 @@ void logprob_shard_backward(const at::Tensor& logits, const at::Tensor& target, 
     at::parallel_for(0, L.n, grain_rows(L.v), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t tl = tp[i] - vocab_start;
-        row_grad(x + i * L.stride, o + i * out_stride, L.v, (tl >= 0 && tl < L.v) ? tl : -1, lzp[i], hp[i], glp[i],
+        row_grad(x + i * L.stride, o + i * out_stride, L.v, (tl >= 0 && tl < L.v) ? tl : -1, mxp[i], lsp[i], hp[i], glp[i],
                  with_ent ? gep[i] : 0.f, with_ent);
       }
     });
@@ -313,8 +318,8 @@ at::Tensor logprob_fused_fwd_bwd(const at::Tensor& logits, const at::Tensor& tar
         sp[4 * i + 1] = st.sumexp;
         sp[4 * i + 2] = st.sum_pd;
         sp[4 * i + 3] = target_logit;
-        const float logz = math::log_partition(st);
-        row_grad(row, o + i * out_stride, L.v, tp[i], logz, math::softmax_entropy(st), glp[i], 0.f, false);
+        row_grad(row, o + i * out_stride, L.v, tp[i], st.max, std::log(st.sumexp), math::softmax_entropy(st), glp[i],
+                 0.f, false);
       }
     });
   });
@@ -344,7 +349,8 @@ at::Tensor vec_exp_u20(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(aapo, m) {
   m.def("logprob_shard_stats(Tensor logits, Tensor target, int vocab_start, int vocab_size) -> Tensor");
   m.def(
-      "logprob_shard_backward(Tensor logits, Tensor target, int vocab_start, int vocab_size, Tensor logz, "
+      "logprob_shard_backward(Tensor logits, Tensor target, int vocab_start, int vocab_size, Tensor row_max, "
+      "Tensor log_sumexp, "
       "Tensor entropy, Tensor grad_logp, Tensor? grad_entropy, Tensor(a!) grad_out) -> ()");
   m.def("logprob_fused_fwd_bwd(Tensor logits, Tensor target, Tensor grad_logp, Tensor(a!) grad_out) -> Tensor");
   m.def("vec_exp_u20(Tensor x) -> Tensor");

@@ -38,6 +38,10 @@ class LossOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    logp: Optional[torch.Tensor] = None
+    """Token log-probs (detached) when computed from logits by `policy_loss_from_logits`."""
+    entropy: Optional[torch.Tensor] = None
+    """Token entropies (detached) when computed from logits by `policy_loss_from_logits`."""
 
 
 class PolicyLoss:

@@ -41,5 +41,6 @@ def policy_loss_from_logits(
     else:
         logp, entropy = vocab_parallel_logprob(logits, target, tp_group=tp_group, inplace_backward=inplace)
         out = loss_fn(logp, inputs, norm)
+    out.logp, out.entropy = logp.detach(), entropy.detach()
     out.metrics["entropy"] = GlobalTokenMean(norm.num_tokens_in_step)(entropy.detach(), inputs.mask)
     return out

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from aapo_megatron.ops._extension import load_extension
 
-_FLT_MAX = torch.finfo(torch.float32).max
+_MIN_SHIFT = -104.0  # csrc/aapo_math.h kMinShift: exp() of anything lower is 0 in fp32
 
 # ---------------------------------------------------------------------------------------------------- step functions
 # Shared by the compiled path and the pure-torch reference (`shard_stats_reference` produces the same [N, 4]).
@@ -38,7 +38,7 @@ def shard_stats_reference(logits2d: torch.Tensor, target: torch.Tensor, vocab_st
     x = logits2d.float()  # [N, V/tp]
     m = x.amax(dim=1)  # [N]
     m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    d = (x - m_safe[:, None]).clamp(min=-_FLT_MAX)  # [N, V/tp]
+    d = (x - m_safe[:, None]).clamp(min=_MIN_SHIFT)  # [N, V/tp]
     e = d.exp()
     local = target - vocab_start
     in_shard = (local >= 0) & (local < x.size(1))
@@ -56,17 +56,19 @@ def combine_shard_stats(stats: torch.Tensor, tp_group: Optional[dist.ProcessGrou
     delta = local_max - global_max  # [N], <= 0; -inf where the shard row is all -inf
     scale = torch.exp(delta)
     sumexp, sum_pd, target_logit = stats[:, 1], stats[:, 2], stats[:, 3]
-    packed = torch.stack([scale * sumexp, scale * (sum_pd + delta.clamp(min=-_FLT_MAX) * sumexp), target_logit])
+    packed = torch.stack([scale * sumexp, scale * (sum_pd + delta.clamp(min=_MIN_SHIFT) * sumexp), target_logit])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)  # [3, N]
     return torch.stack([global_max, packed[0], packed[1], packed[2]], dim=1)
 
 
-def finalize_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full-vocabulary stats [N, 4] -> (logp [N], entropy [N], log Z [N]), nats."""
+def finalize_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-vocabulary stats [N, 4] -> (logp, entropy, row max, log sumexp), each [N]; nats.
+
+    log p = (x_target - max) - log sumexp: subtracting the max first stays exact for large common logit offsets.
+    """
     row_max, sumexp, sum_pd, target_logit = stats.unbind(dim=1)
     log_sumexp = torch.log(sumexp)
-    logz = row_max + log_sumexp
-    return target_logit - logz, log_sumexp - sum_pd / sumexp, logz
+    return (target_logit - row_max) - log_sumexp, log_sumexp - sum_pd / sumexp, row_max.contiguous(), log_sumexp
 
 
 def _prepare(
@@ -108,23 +110,24 @@ class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, target, vocab_start, vocab_size, tp_group, inplace_backward):
         stats = torch.ops.aapo.logprob_shard_stats(logits2d, target, vocab_start, vocab_size)  # [N, 4]
-        logp, entropy, logz = finalize_stats(combine_shard_stats(stats, tp_group))
-        ctx.save_for_backward(logits2d, target, logz, entropy)
+        logp, entropy, row_max, log_sumexp = finalize_stats(combine_shard_stats(stats, tp_group))
+        ctx.save_for_backward(logits2d, target, row_max, log_sumexp, entropy)
         ctx.vocab_start, ctx.vocab_size, ctx.inplace = vocab_start, vocab_size, inplace_backward
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits2d, target, logz, entropy = ctx.saved_tensors
+        logits2d, target, row_max, log_sumexp, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None
         if grad_logp is None:
-            grad_logp = torch.zeros_like(logz)
+            grad_logp = torch.zeros_like(row_max)
         grad_ent = None if grad_entropy is None else grad_entropy.float().contiguous()
         grad = logits2d if ctx.inplace else torch.empty_like(logits2d)
         torch.ops.aapo.logprob_shard_backward(
-            logits2d, target, ctx.vocab_start, ctx.vocab_size, logz, entropy, grad_logp.float().contiguous(), grad_ent, grad
+            logits2d, target, ctx.vocab_start, ctx.vocab_size, row_max, log_sumexp, entropy,
+            grad_logp.float().contiguous(), grad_ent, grad,
         )
         if ctx.inplace:
             torch.autograd.graph.increment_version(logits2d)  # any later use of the old logits now fails loudly
@@ -166,11 +169,11 @@ class _FusedLogprobLoss(torch.autograd.Function):
             coef = coef_or_fn.reshape(-1).float().contiguous()
             grad = logits2d if inplace else torch.empty_like(logits2d)
             stats = torch.ops.aapo.logprob_fused_fwd_bwd(logits2d, target, coef, grad)  # one read + one write
-            logp, entropy, _ = finalize_stats(stats)
+            logp, entropy, _, _ = finalize_stats(stats)
             loss = (coef.double() * logp.double()).sum().float()
         else:
             stats = torch.ops.aapo.logprob_shard_stats(logits2d, target, vocab_start, vocab_size)
-            logp, entropy, logz = finalize_stats(combine_shard_stats(stats, tp_group))
+            logp, entropy, row_max, log_sumexp = finalize_stats(combine_shard_stats(stats, tp_group))
             if isinstance(coef_or_fn, torch.Tensor):
                 coef = coef_or_fn.reshape(-1).float().contiguous()
                 loss = (coef.double() * logp.double()).sum().float()
@@ -186,7 +189,7 @@ class _FusedLogprobLoss(torch.autograd.Function):
             if want_grad:
                 grad = logits2d if inplace else torch.empty_like(logits2d)
                 torch.ops.aapo.logprob_shard_backward(
-                    logits2d, target, vocab_start, vocab_size, logz, entropy, coef, None, grad
+                    logits2d, target, vocab_start, vocab_size, row_max, log_sumexp, entropy, coef, None, grad
                 )
         if grad is not None and inplace:
             torch.autograd.graph.increment_version(logits2d)

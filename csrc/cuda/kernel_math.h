@@ -206,37 +206,42 @@ AAPO_HD inline math::SoftmaxStats thread_row_stats(const T* row, int64_t v, int 
   return s;
 }
 
-// Gradient of one logit (aapo_math.h's formula) with p = exp(x - log Z).
+// Gradient of one logit (aapo_math.h's formula), given the row's full-vocabulary max and log sumexp.
 // p == 0 (x = -inf, a masked entry, or underflow) drops the entropy term, whose limit is p * log p -> 0, so no
-// 0 * (g_ent * huge shift) product can overflow to 0 * inf = NaN however math::finite_shift clamps the shift.
-AAPO_HD inline float logit_grad(float x, bool is_target, float logz, float entropy, float g_logp, float g_ent) {
-  const float p = expf(math::finite_shift(x, logz));
-  return math::logprob_entropy_grad(x, p, is_target, logz, entropy, g_logp, p == 0.f ? 0.f : g_ent);
+// 0 * (g_ent * huge shift) product can overflow to 0 * inf = NaN however the header clamps log p.
+AAPO_HD inline float logit_grad(float x, bool is_target, float row_max, float log_sumexp, float entropy, float g_logp,
+                                float g_ent) {
+  const float logp = math::log_softmax_value(x, row_max, log_sumexp);
+  const float p = expf(logp);
+  return math::logprob_entropy_grad(logp, p, is_target, entropy, g_logp, p == 0.f ? 0.f : g_ent);
 }
 
 // Writes the gradient of the elements thread `tid` owns (the same ownership as thread_row_stats) into out_row, which
 // may be row itself: each element is read and then written by the same thread. `target_local` < 0: not in the shard.
 // `cache`: the vectors thread_row_stats stored for this row (read instead of global memory), or nullptr.
 template <typename T>
-AAPO_HD inline void thread_row_grad(const T* row, T* out_row, int64_t v, int64_t target_local, float logz,
-                                    float entropy, float g_logp, float g_ent, int tid, int nthreads,
+AAPO_HD inline void thread_row_grad(const T* row, T* out_row, int64_t v, int64_t target_local, float row_max,
+                                    float log_sumexp, float entropy, float g_logp, float g_ent, int tid, int nthreads,
                                     const Words4* cache = nullptr) {
   constexpr int K = VecWidth<T>::value;
   const RowSplit sp = split_row(row, v);
   const RowSplit so = split_row(static_cast<const T*>(out_row), v);
+  auto grad_at = [&](float x, int64_t j) {
+    return logit_grad(x, j == target_local, row_max, log_sumexp, entropy, g_logp, g_ent);
+  };
   if (sp.head != so.head) {  // input and output rows misaligned relative to each other: scalar path
     for (int64_t j = tid; j < v; j += nthreads) {
-      out_row[j] = from_float<T>(logit_grad(to_float(row[j]), j == target_local, logz, entropy, g_logp, g_ent));
+      out_row[j] = from_float<T>(grad_at(to_float(row[j]), j));
     }
     return;
   }
   if (tid < sp.head) {
     const int64_t j = tid;
-    out_row[j] = from_float<T>(logit_grad(to_float(row[j]), j == target_local, logz, entropy, g_logp, g_ent));
+    out_row[j] = from_float<T>(grad_at(to_float(row[j]), j));
   }
   if (sp.tail_begin + tid < v) {
     const int64_t j = sp.tail_begin + tid;
-    out_row[j] = from_float<T>(logit_grad(to_float(row[j]), j == target_local, logz, entropy, g_logp, g_ent));
+    out_row[j] = from_float<T>(grad_at(to_float(row[j]), j));
   }
   const T* vec = row + sp.head;
   T* ovec = out_row + sp.head;
@@ -252,7 +257,7 @@ AAPO_HD inline void thread_row_grad(const T* row, T* out_row, int64_t v, int64_t
         float x[K];
         unpack(raw[u], x, static_cast<const T*>(nullptr));
         const int64_t j0 = sp.head + idx * K;
-        for (int k = 0; k < K; ++k) x[k] = logit_grad(x[k], j0 + k == target_local, logz, entropy, g_logp, g_ent);
+        for (int k = 0; k < K; ++k) x[k] = grad_at(x[k], j0 + k);
         store16(ovec + idx * K, pack(x, static_cast<T*>(nullptr)));
       }
     }

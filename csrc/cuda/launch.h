@@ -31,12 +31,13 @@ struct LogitsView {
 cudaError_t launch_logprob_shard_stats(const LogitsView& x, const int64_t* target, int64_t vocab_start, float* stats,
                                        cudaStream_t stream);
 
-// grad_out[i, j] = d(g_logp[i] * log p_i(target) + g_ent[i] * H_i) / d x[i, j], with log Z and H given per row;
-// grad_ent may be nullptr (no entropy term). grad_out (row stride out_stride) may be x itself.
+// grad_out[i, j] = d(g_logp[i] * log p_i(target) + g_ent[i] * H_i) / d x[i, j], given per row the full-vocabulary
+// max, log sumexp (relative to that max) and entropy H; grad_ent may be nullptr (no entropy term).
+// grad_out (row stride out_stride) may be x itself.
 cudaError_t launch_logprob_shard_backward(const LogitsView& x, const int64_t* target, int64_t vocab_start,
-                                          const float* logz, const float* entropy, const float* grad_logp,
-                                          const float* grad_ent, void* grad_out, int64_t out_stride,
-                                          cudaStream_t stream);
+                                          const float* row_max, const float* log_sumexp, const float* entropy,
+                                          const float* grad_logp, const float* grad_ent, void* grad_out,
+                                          int64_t out_stride, cudaStream_t stream);
 
 // TP=1: stats as launch_logprob_shard_stats (vocab_start 0) and grad_out = d(g_logp * log p(target)) / dx per row,
 // in one kernel: the row stays in shared memory between the two passes when it fits (else the re-read hits L2).

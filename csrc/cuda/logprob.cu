@@ -74,14 +74,14 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     shard_backward_kernel(const T* x, int64_t v, int64_t stride, const int64_t* target, int64_t vocab_start,
-                          const float* logz, const float* entropy, const float* grad_logp, const float* grad_ent,
-                          T* out, int64_t out_stride) {
+                          const float* row_max, const float* log_sumexp, const float* entropy,
+                          const float* grad_logp, const float* grad_ent, T* out, int64_t out_stride) {
   const int64_t i = blockIdx.x;
   const int64_t tl = target[i] - vocab_start;
   const bool with_ent = grad_ent != nullptr;
   // Without the entropy term, H is multiplied by 0: pass 0 so a non-finite H cannot turn it into NaN.
-  thread_row_grad(x + i * stride, out + i * out_stride, v, (tl >= 0 && tl < v) ? tl : int64_t{-1}, logz[i],
-                  with_ent ? entropy[i] : 0.f, grad_logp[i], with_ent ? grad_ent[i] : 0.f,
+  thread_row_grad(x + i * stride, out + i * out_stride, v, (tl >= 0 && tl < v) ? tl : int64_t{-1}, row_max[i],
+                  log_sumexp[i], with_ent ? entropy[i] : 0.f, grad_logp[i], with_ent ? grad_ent[i] : 0.f,
                   static_cast<int>(threadIdx.x), kThreads);
 }
 
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   math::SoftmaxStats s = thread_row_stats(row, v, tid, kFusedThreads, cache);
   s = block_merge<kFusedThreads>(s, scratch);
   if (tid == 0) write_stats(stats + 4 * i, s, target_logit);
-  thread_row_grad(row, out + i * out_stride, v, (t >= 0 && t < v) ? t : int64_t{-1}, math::log_partition(s), 0.f,
+  thread_row_grad(row, out + i * out_stride, v, (t >= 0 && t < v) ? t : int64_t{-1}, s.max, logf(s.sumexp), 0.f,
                   grad_logp[i], 0.f, tid, kFusedThreads, cache);
 }
 
@@ -156,19 +156,19 @@ cudaError_t launch_logprob_shard_stats(const LogitsView& x, const int64_t* targe
 }
 
 cudaError_t launch_logprob_shard_backward(const LogitsView& x, const int64_t* target, int64_t vocab_start,
-                                          const float* logz, const float* entropy, const float* grad_logp,
-                                          const float* grad_ent, void* grad_out, int64_t out_stride,
-                                          cudaStream_t stream) {
+                                          const float* row_max, const float* log_sumexp, const float* entropy,
+                                          const float* grad_logp, const float* grad_ent, void* grad_out,
+                                          int64_t out_stride, cudaStream_t stream) {
   if (x.n == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>(x.n);
   if (x.bf16) {
     shard_backward_kernel<Bf16Bits><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const Bf16Bits*>(x.data), x.v, x.stride, target, vocab_start, logz, entropy, grad_logp, grad_ent,
-        static_cast<Bf16Bits*>(grad_out), out_stride);
+        static_cast<const Bf16Bits*>(x.data), x.v, x.stride, target, vocab_start, row_max, log_sumexp, entropy,
+        grad_logp, grad_ent, static_cast<Bf16Bits*>(grad_out), out_stride);
   } else {
     shard_backward_kernel<float><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const float*>(x.data), x.v, x.stride, target, vocab_start, logz, entropy, grad_logp, grad_ent,
-        static_cast<float*>(grad_out), out_stride);
+        static_cast<const float*>(x.data), x.v, x.stride, target, vocab_start, row_max, log_sumexp, entropy,
+        grad_logp, grad_ent, static_cast<float*>(grad_out), out_stride);
   }
   return cudaGetLastError();
 }

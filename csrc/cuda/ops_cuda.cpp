@@ -225,23 +225,25 @@ at::Tensor logprob_shard_stats(const at::Tensor& logits, const at::Tensor& targe
 
 // Writes d(sum_i g_logp[i] * logp[i] + g_ent[i] * H[i]) / d logits into grad_out (which may alias logits).
 void logprob_shard_backward(const at::Tensor& logits, const at::Tensor& target, int64_t vocab_start,
-                            int64_t vocab_size, const at::Tensor& logz, const at::Tensor& entropy,
-                            const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-                            const at::Tensor& grad_out) {
+                            int64_t vocab_size, const at::Tensor& row_max, const at::Tensor& log_sumexp,
+                            const at::Tensor& entropy, const at::Tensor& grad_logp,
+                            const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad_out) {
   const char* op = "logprob_shard_backward";
   const cuda::LogitsView x = check_logits(logits, op);
   check_shard(vocab_start, x.v, vocab_size, op);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor t = check_target(target, logits, x.n, vocab_size, op);
-  const at::Tensor lz = check_row_vector(logz, logits, x.n, "logz", op);
+  const at::Tensor mx = check_row_vector(row_max, logits, x.n, "row_max", op);
+  const at::Tensor ls = check_row_vector(log_sumexp, logits, x.n, "log_sumexp", op);
   const at::Tensor h = check_row_vector(entropy, logits, x.n, "entropy", op);
   const at::Tensor gl = check_row_vector(grad_logp, logits, x.n, "grad_logp", op);
   const bool with_ent = grad_entropy.has_value() && grad_entropy->defined();
   const at::Tensor ge = with_ent ? check_row_vector(*grad_entropy, logits, x.n, "grad_entropy", op) : at::Tensor();
   const int64_t out_stride = check_grad_out(grad_out, logits, op);
   C10_CUDA_CHECK(cuda::launch_logprob_shard_backward(
-      x, t.data_ptr<int64_t>(), vocab_start, lz.data_ptr<float>(), h.data_ptr<float>(), gl.data_ptr<float>(),
-      with_ent ? ge.data_ptr<float>() : nullptr, grad_out.data_ptr(), out_stride, current_stream(logits)));
+      x, t.data_ptr<int64_t>(), vocab_start, mx.data_ptr<float>(), ls.data_ptr<float>(), h.data_ptr<float>(),
+      gl.data_ptr<float>(), with_ent ? ge.data_ptr<float>() : nullptr, grad_out.data_ptr(), out_stride,
+      current_stream(logits)));
 }
 
 // TP=1, full vocabulary: stats [N, 4] as above, and grad_out = d(grad_logp * log p(target)) / d logits, row by row.

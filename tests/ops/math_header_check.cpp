@@ -6,8 +6,8 @@
 //   math_header_check advantages N F M G SCALE PAIRING EPS DLOW DHIGH rewards.bin weights.bin ref.bin out.bin
 //       out.bin: r[N], ref[M], adv[N], adv_base[N], mean[B], std[B], zero_var[B] (all float32)
 //   math_header_check reward_sum N F rewards.bin weights.bin out.bin
-//   math_header_check logprob DTYPE N V STRIDE OFFSET VOCAB_START HAS_ENT logits.bin target.bin logz.bin
-//       entropy.bin grad_logp.bin grad_ent.bin outdir
+//   math_header_check logprob DTYPE N V STRIDE OFFSET VOCAB_START HAS_ENT logits.bin target.bin row_max.bin
+//       log_sumexp.bin entropy.bin grad_logp.bin grad_ent.bin outdir
 //       DTYPE f32|bf16; logits.bin holds OFFSET + (N-1)*STRIDE + V elements, row i starting at OFFSET + i*STRIDE.
 //       outdir/: stats.bin [N,4] (block kernel), seq_stats.bin [N,3] (header's scalar softmax_stats_add),
 //       grad.bin [N,V] (out of place), grad_inplace.bin [N,V], fused_stats.bin [N,4], fused_grad.bin [N,V]
@@ -191,11 +191,12 @@ int run_logprob(char** argv) {
   const size_t total = static_cast<size_t>(offset + (n - 1) * stride + v);
   const auto logits_in = read_file<T>(argv[9], total);
   const auto target = read_file<int64_t>(argv[10], n);
-  const auto logz = read_file<float>(argv[11], n);
-  const auto entropy = read_file<float>(argv[12], n);
-  const auto grad_logp = read_file<float>(argv[13], n);
-  const auto grad_ent = read_file<float>(argv[14], n);
-  const std::string dir = argv[15];
+  const auto row_max = read_file<float>(argv[11], n);
+  const auto log_sumexp = read_file<float>(argv[12], n);
+  const auto entropy = read_file<float>(argv[13], n);
+  const auto grad_logp = read_file<float>(argv[14], n);
+  const auto grad_ent = read_file<float>(argv[15], n);
+  const std::string dir = argv[16];
 
   AlignedRows<T> x(logits_in);
   std::vector<float> stats(n * 4), seq(n * 3), grad(n * v), grad_inplace(n * v), fstats(n * 4), fgrad(n * v);
@@ -220,7 +221,7 @@ int run_logprob(char** argv) {
     const float h = has_ent ? entropy[i] : 0.f, ge = has_ent ? grad_ent[i] : 0.f;
     for (int64_t j = 0; j < v; ++j) out[j] = ac::from_float<T>(NAN);
     for (int t = 0; t < kThreads; ++t) {
-      ac::thread_row_grad(row, out.data(), v, tlb, logz[i], h, grad_logp[i], ge, t, kThreads);
+      ac::thread_row_grad(row, out.data(), v, tlb, row_max[i], log_sumexp[i], h, grad_logp[i], ge, t, kThreads);
     }
     for (int64_t j = 0; j < v; ++j) grad[i * v + j] = ac::to_float(out[j]);
   }
@@ -233,7 +234,7 @@ int run_logprob(char** argv) {
       const int64_t tlb = (tl >= 0 && tl < v) ? tl : -1;
       const float h = has_ent ? entropy[i] : 0.f, ge = has_ent ? grad_ent[i] : 0.f;
       for (int t = 0; t < kThreads; ++t) {
-        ac::thread_row_grad(row, row, v, tlb, logz[i], h, grad_logp[i], ge, t, kThreads);
+        ac::thread_row_grad(row, row, v, tlb, row_max[i], log_sumexp[i], h, grad_logp[i], ge, t, kThreads);
       }
       for (int64_t j = 0; j < v; ++j) grad_inplace[i * v + j] = ac::to_float(row[j]);
     }
@@ -261,7 +262,7 @@ int run_logprob(char** argv) {
         for (int64_t j = sp.head; j < sp.tail_begin; ++j) row[j] = ac::from_float<T>(NAN);
       }
       for (int th = 0; th < kFusedThreads; ++th) {
-        ac::thread_row_grad(row, row, v, (t >= 0 && t < v) ? t : int64_t{-1}, am::log_partition(s), 0.f,
+        ac::thread_row_grad(row, row, v, (t >= 0 && t < v) ? t : int64_t{-1}, s.max, logf(s.sumexp), 0.f,
                             grad_logp[i], 0.f, th, kFusedThreads, c);
       }
       for (int64_t j = 0; j < v; ++j) fg[i * v + j] = ac::to_float(row[j]);
@@ -294,7 +295,7 @@ int main(int argc, char** argv) {
     const std::string mode = argc > 1 ? argv[1] : "";
     if (mode == "advantages" && argc == 15) return run_advantages(argv);
     if (mode == "reward_sum" && argc == 7) return run_reward_sum(argv);
-    if (mode == "logprob" && argc == 16) {
+    if (mode == "logprob" && argc == 17) {
       const std::string dtype = argv[2];
       if (dtype == "f32") return run_logprob<float>(argv);
       if (dtype == "bf16") return run_logprob<ac::Bf16Bits>(argv);

@@ -86,7 +86,7 @@ def test_inplace_backward_reuses_logits_buffer(dtype):
     _, _, grad_ref = _reference_grads(leaf, t, g, torch.zeros(8))
     logits = leaf * 1  # the "output layer" result; nothing else needs it after the loss
     seen = {}
-    logits.register_hook(lambda grad: seen.setdefault("ptr", grad.data_ptr()))
+    logits.register_hook(lambda grad: seen.update(ptr=grad.data_ptr()))
     lp, _ = vocab_parallel_logprob(logits, t, inplace_backward=True)
     (lp * g).sum().backward()
     assert seen["ptr"] == logits.data_ptr()  # the gradient lives in the logits' memory

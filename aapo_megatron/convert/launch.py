@@ -1,8 +1,8 @@
 """Run a conversion as W worker processes over gloo, each owning one pipeline stage (a slice of the layers).
 
-The parent holds no weights. Workers are `spawn`ed (fresh interpreters), so the
-caller's entry point must sit under ``if __name__ == "__main__":``. An error in
-any worker is re-raised in the parent with its original type when it is a
+The parent holds no weights. Workers see no GPU (CUDA_VISIBLE_DEVICES="") and
+are `spawn`ed (fresh interpreters), so the caller's entry point must sit under
+``if __name__ == "__main__":``. An error in any worker is re-raised in the parent with its original type when it is a
 `ConversionError` (so the CLI prints the same message), otherwise as a
 `ConversionError` carrying the worker's traceback.
 """
@@ -71,8 +71,18 @@ def run_workers(fn: Callable, world: int, args: Sequence[Any] = (), timeout_s: f
     procs = [
         ctx.Process(target=_worker_entry, args=(r, world, port, fn, tuple(args), threads, q)) for r in range(world)
     ]
-    for p in procs:
-        p.start()
+    # Conversion is CPU work: hide GPUs so that workers take the CPU code paths (local layer spec, gloo, no
+    # device memory), whatever machine they run on. Spawned children copy os.environ at start.
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
     results: dict[int, Any] = {}
     failure: tuple[int, Any] | None = None
     try:

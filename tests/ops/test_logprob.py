@@ -57,8 +57,7 @@ def test_forward_backward_matches_reference(n, v, dtype, extreme):
     lp, h = vocab_parallel_logprob(x, t)
     assert lp.dtype == torch.float32 and h.dtype == torch.float32
     (lp * g_logp + h * g_ent).sum().backward()
-    scale = x0.float().abs().amax(dim=1, keepdim=False).clamp(min=1.0)  # fp32 rounding of log Z ~ ulp(|x|)
-    torch.testing.assert_close(lp.double(), lp_ref, rtol=0, atol=float(scale.max()) * 4e-7 + 2e-6)
+    torch.testing.assert_close(lp.double(), lp_ref, rtol=1e-6, atol=2e-5)
     torch.testing.assert_close(h.double(), h_ref, rtol=0, atol=2e-5)
     atol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16 gradient is rounded to bf16 (8 mantissa bits)
     assert x.grad.dtype == dtype

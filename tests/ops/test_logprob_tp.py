@@ -24,17 +24,20 @@ def _case(seed, n, v, dtype):
     return x.to(dtype), t, g
 
 
-def _body(rank, world_size, tp, dtype_name):
+def _body(rank, world_size, tp):
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from aapo_megatron.ops import vocab_parallel_logprob
-
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     group = parallel_state.get_tensor_model_parallel_group()
-    dtype = getattr(torch, dtype_name)
+    return {name: _compare_one(rank, tp, group, getattr(torch, name)) for name in ("float32", "bfloat16")}
+
+
+def _compare_one(rank, tp, group, dtype):
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from aapo_megatron.ops import fused_logprob_loss, vocab_parallel_logprob
+
     s, b, v = 6, 2, 1000
     x, t, g = _case(0, s * b, v, dtype)
     shard = v // tp
@@ -58,15 +61,24 @@ def _body(rank, world_size, tp, dtype_name):
         out[f"logp_{inplace}"] = lp.detach()
         out[f"entropy_{inplace}"] = h.detach()
         out[f"grad_{inplace}"] = leaf.grad.float()
+    # gradient computed inside the forward, after the TP collectives (tensor and callable dL/dlogp)
+    for kind, coef in (("tensor", -g), ("callable", lambda lp: (-lp * g).sum())):
+        leaf = x_local.clone().requires_grad_(True)
+        loss, _, _ = fused_logprob_loss(leaf * 1, t, coef, tp_group=group, inplace=True)
+        loss.backward()
+        out[f"fused_grad_{kind}"] = leaf.grad.float()
     return out
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_matches_megatron_vocab_parallel_cross_entropy(tp, dtype_name):
+def test_matches_megatron_vocab_parallel_cross_entropy(tp):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results = run_ranks(_body, world_size=tp, args=(tp, dtype_name))
-    dtype = getattr(torch, dtype_name)
+    results = run_ranks(_body, world_size=tp, args=(tp,))
+    for dtype_name in ("float32", "bfloat16"):
+        _check(tp, getattr(torch, dtype_name), [r[dtype_name] for r in results])
+
+
+def _check(tp, dtype, results):
     x, t, g = _case(0, 12, 1000, dtype)
     xr = x.double().requires_grad_(True)
     logsm = torch.log_softmax(xr, -1)
@@ -81,12 +93,15 @@ def test_matches_megatron_vocab_parallel_cross_entropy(tp, dtype_name):
         for inplace in (False, True):
             lp, h, grad = out[f"logp_{inplace}"], out[f"entropy_{inplace}"], out[f"grad_{inplace}"]
             # same values on every TP rank, equal to Megatron's and to the float64 reference
-            torch.testing.assert_close(lp, out["megatron_logp"].float(), rtol=1e-6, atol=5e-3)
-            torch.testing.assert_close(lp.double().view(-1), lp_ref.detach(), rtol=1e-6, atol=5e-3)
+            torch.testing.assert_close(lp, out["megatron_logp"].float(), rtol=1e-6, atol=2e-5)
+            torch.testing.assert_close(lp.double().view(-1), lp_ref.detach(), rtol=1e-6, atol=2e-5)
             torch.testing.assert_close(h.double().view(-1), h_ref.detach(), rtol=0, atol=2e-5)
             torch.testing.assert_close(grad, out["megatron_grad"], rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                        atol=grad_atol)
             torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-2 if dtype != torch.float32 else 1e-4,
                                        atol=grad_atol)
+        for kind in ("tensor", "callable"):
+            torch.testing.assert_close(out[f"fused_grad_{kind}"].double(), grad_ref,
+                                       rtol=1e-2 if dtype != torch.float32 else 1e-4, atol=grad_atol)
     if tp == 2:
         torch.testing.assert_close(results[0]["logp_False"], results[1]["logp_False"], rtol=0, atol=0)

@@ -331,8 +331,8 @@ class NcclWeightTransfer:
 
                 def send(b=bucket) -> None:
                     stream = torch.cuda.current_stream()
-                    for _, t in b:
-                        self.group.broadcast(t.contiguous(), src=0, stream=stream)
+                    for _, t in b:  # NCCL sends numel elements from data_ptr: contiguous CUDA memory only
+                        self.group.broadcast(t.to("cuda", non_blocking=True).contiguous(), src=0, stream=stream)
                     stream.synchronize()
 
                 runner.run(f"broadcast bucket {k}", send)

@@ -161,7 +161,18 @@ def read_dist_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
         launcher = "single"
     if world <= 0 or not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, world size {world}) ({launcher} environment)")
+    if not 0 <= port <= 65535 or (port == 0 and world > 1):
+        raise ValueError(f"MASTER_PORT={port} is not a usable rendezvous port for {world} processes "
+                         f"(torchrun --master-port=0 is not supported: use --standalone or a fixed port)")
     return DistEnv(rank, world, local, addr, port, launcher)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- init / teardown
@@ -207,13 +218,15 @@ def init_distributed(cfg: Union[Config, ParallelConfig], environ: Optional[Mappi
             raise RuntimeError(f"torch.distributed is already initialised with world size {dist.get_world_size()}, "
                                f"the environment says {env.world_size}")
     else:
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=timeout,
-        )
+        # env:// rather than tcp://: under torchrun the agent already serves the rendezvous store on
+        # MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE) and a second server on that port would never come up.
+        port = env.master_port
+        if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+            port = _free_port()  # a lone process needs no agreed port; two single-process jobs must not collide
+        os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(port),
+                          RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+        dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
 
     from megatron.core import parallel_state
 

@@ -52,6 +52,13 @@ def test_single_process_default():
     assert read_dist_env({}) == DistEnv(0, 1, 0, "127.0.0.1", DEFAULT_MASTER_PORT, "single")
 
 
+def test_port_zero_is_refused_for_several_processes():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    with pytest.raises(ValueError, match=r"MASTER_PORT=0 is not a usable rendezvous port for 2 processes"):
+        read_dist_env(env)
+    assert read_dist_env({**env, "WORLD_SIZE": "1"}).master_port == 0
+
+
 def test_bad_rank_values():
     with pytest.raises(ValueError, match=r"RANK='x' is not an integer"):
         read_dist_env({"RANK": "x", "WORLD_SIZE": "2"})

@@ -33,20 +33,26 @@ class WeightSyncExtension:
 
     def aapo_load_weights_file(self, path: str) -> int:
         """Load every tensor of one safetensors file (HF names) into the model; returns the tensor count."""
-        from safetensors.torch import load as safetensors_load
+        from safetensors import safe_open
         from vllm.config import set_current_vllm_config
 
         if not getattr(self, "_aapo_update_active", False):
             raise RuntimeError("aapo_load_weights_file called outside a weight update session")
 
-        # One sequential read of the file (RAM-backed in /dev/shm) beats page-faulting through an mmap.
-        with open(path, "rb") as fh:
-            tensors = safetensors_load(fh.read())
+        count = 0
+
+        def tensors():  # zero-copy views of the (RAM-backed) file; the model copies them into its weights
+            nonlocal count
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    count += 1
+                    yield name, f.get_tensor(name)
+
         with set_current_vllm_config(self.vllm_config):
-            loaded = self.model_runner.get_model().load_weights(iter(tensors.items()))
+            loaded = self.model_runner.get_model().load_weights(tensors())
         if loaded:
             self._aapo_loaded.update(loaded)
-        return len(tensors)
+        return count
 
     def aapo_finish_weight_update(self) -> dict[str, Any]:
         """End the session: process pending layers; returns {'loaded': n, 'not_loaded': [names]}."""

@@ -48,11 +48,11 @@
 
 AAPO_EXIT_STOPPED=3   # the trainer's "stopped by signal, checkpoint saved" exit code
 
-# Every srun task starts with SIGUSR1 ignored, then execs the program. Slurm delivers USR1 to every process of
-# a step (proctrack), so this keeps a rank that has not yet installed its handler, and the trainer's helper
-# processes (vLLM engine core, reward workers, which inherit the disposition), from being killed by it. The
-# trainer's own handler replaces the inherited SIG_IGN once it is installed.
-AAPO_TASK_WRAPPER=(bash -c 'trap "" USR1; exec "$@"' aapo-task)
+# Every srun task runs under slurm/signal_shield.py. Slurm delivers SIGUSR1 to every process of a step, and
+# the trainer's helper processes (vLLM engine core and workers, reward workers) would die of it. The shield
+# blocks SIGUSR1 for the whole process tree and hands it to the trainer's own Python handler through a
+# watcher thread. A signal that arrives before the handler exists is held until it does.
+AAPO_TASK_WRAPPER=(python3 "$AAPO_HOME/slurm/signal_shield.py")
 
 aapo_log() { printf '[aapo %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 aapo_die() { aapo_log "error: $*"; exit 2; }
@@ -166,8 +166,7 @@ aapo_on_signal() {
 
 # Wait for the trainer step (srun pid AAPO_TRAIN_PID) to exit and set AAPO_TRAIN_RC. Once a stop was requested,
 # send the step SIGUSR1 now and again every AAPO_SIGNAL_RESEND_S seconds (default 15): a signal that arrives
-# while srun is still starting its tasks, or before the trainer has installed its handler (the task wrapper
-# ignores USR1 until then), would otherwise be lost. The trainer treats repeats as one request.
+# while srun is still starting its tasks would otherwise be lost. The trainer treats repeats as one request.
 aapo_wait_trainer() {
     local next_send=0 rc=0
     while kill -0 "$AAPO_TRAIN_PID" 2> /dev/null; do

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Mapping, Optional, Sequence
 
-from tests.slurm.cluster import LocalSlurmCluster
+from tests.slurm.cluster import FINAL_STATES, LocalSlurmCluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT_70B = os.path.join(REPO, "slurm", "aapo_70b.sh")
@@ -38,16 +38,25 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
 
 
-def wait_for(predicate, timeout: float, what: str, log: Optional[str] = None, poll: float = 0.5):
-    """Poll `predicate()` until truthy (returned); on timeout raise AssertionError with `what` and the job log."""
+def wait_for(predicate, timeout: float, what: str, log: Optional[str] = None, poll: float = 0.5,
+             cluster: Optional[LocalSlurmCluster] = None, job: Optional[int] = None):
+    """Poll `predicate()` until truthy (returned). Raise AssertionError with `what` and the job log on timeout,
+    or as soon as `job` (if given) has ended: what we wait for will not happen any more."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
+        if job is not None:
+            state = cluster.job(job).get("JobState")
+            if state in FINAL_STATES:
+                raise AssertionError(f"job {job} ended ({state}) while waiting for {what}\n{_log_tail(log)}")
         time.sleep(poll)
-    tail = "\n".join(read_text(log).splitlines()[-40:]) if log else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n--- job log ---\n{tail}")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{_log_tail(log)}")
+
+
+def _log_tail(log: Optional[str], lines: int = 60) -> str:
+    return "--- job log ---\n" + "\n".join(read_text(log).splitlines()[-lines:]) if log else ""
 
 
 def release_requeued(cluster: LocalSlurmCluster, job: int, restarts: int, log: str, timeout: float = 120.0) -> dict:
@@ -60,6 +69,6 @@ def release_requeued(cluster: LocalSlurmCluster, job: int, restarts: int, log: s
         info = cluster.job(job)
         return info if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= restarts else None
 
-    info = wait_for(pending, timeout, f"job {job} to be requeued ({restarts})", log)
+    info = wait_for(pending, timeout, f"job {job} to be requeued ({restarts})", log, cluster=cluster, job=job)
     cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     return info

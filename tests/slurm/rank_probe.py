@@ -14,14 +14,15 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
 
 def main() -> int:
     """Run one rank; exit code 0 (done), 3 (stopped by a signal) or 1 (timed out waiting for the signal)."""
-    # The launcher's task wrapper starts every rank with SIGUSR1 ignored until a handler is installed.
-    usr1_ignored_at_start = signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    # The launcher's signal shield blocks SIGUSR1 for this process tree and calls our handler from a thread.
+    usr1_blocked_at_start = signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     stop = []
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
@@ -47,16 +48,22 @@ def main() -> int:
         "rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank, "launcher": env.launcher,
         "master": f"{env.master_addr}:{env.master_port}", "sum": total.item(), "restart": restart,
         "resume": args.resume, "run_dir": cfg.trainer.run_dir, "omp": os.environ.get("OMP_NUM_THREADS"),
-        "usr1_ignored_at_start": usr1_ignored_at_start,
+        "usr1_blocked_at_start": usr1_blocked_at_start,
     }
     os.makedirs(cfg.trainer.run_dir, exist_ok=True)
     rc = 0
     if args.wait_for_signal and restart == 0:
+        # A helper process started after our handler, like the trainer's vLLM engine: Slurm signals it too.
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         deadline = time.monotonic() + 120
         while not stop and time.monotonic() < deadline:
             time.sleep(0.2)
+        time.sleep(1.0)  # let a signal sent to the whole step reach the helper too
         rc = 3 if stop else 1
         record["signal"] = stop[0] if stop else None
+        record["helper_survived"] = helper.poll() is None
+        helper.kill()
+        helper.wait()
     dist.barrier()
     with open(os.path.join(cfg.trainer.run_dir, "ranks.jsonl"), "a") as fh:
         fh.write(json.dumps(record) + "\n")

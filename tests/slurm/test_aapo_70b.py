@@ -59,14 +59,16 @@ def test_sbatch_70b_script_runs_the_quickstart(slurm_cluster, tmp_path):
     assert verify(str(ckpt_dir / "step_00000003")).step == 3
 
 
+@pytest.mark.timeout(2400)  # two trainer start-ups (vLLM engines included) on a 2-core machine
 def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    total = 6
+    total = 30  # ~1 s per step here: the signal lands long before the end
     job, log = submit_70b(slurm_cluster, str(tmp_path),
                           _env(tmp_path, f"--set trainer.steps={total} --set checkpoint.save_every=0"))
     # Signal once RL is under way: what `#SBATCH --signal=USR1@300` does before the time limit; --full sends it
     # to the batch shell and to every process of every step (trainer ranks and their vLLM/reward helpers).
-    wait_for(lambda: len(_steps(run_dir)) >= 1, 900, "the first RL step", log, poll=1.0)
+    wait_for(lambda: len(_steps(run_dir)) >= 1, 900, "the first RL step", log, poll=0.25,
+             cluster=slurm_cluster, job=job)
     slurm_cluster.run(["scancel", "--signal=USR1", "--full", str(job)])
     release_requeued(slurm_cluster, job, 1, log, timeout=600)
 

@@ -48,7 +48,8 @@ def test_batch_shell_signal_is_forwarded_and_exit_3_requeues(slurm_cluster, tmp_
     job, log = submit_70b(slurm_cluster, str(tmp_path), env)
     ranks_file = str(tmp_path / "run" / "ranks.jsonl")
     # The probe creates the run dir after rendezvous, with its signal handlers already installed.
-    wait_for(lambda: os.path.isdir(tmp_path / "run"), 120, "the ranks to start", log)
+    wait_for(lambda: os.path.isdir(tmp_path / "run"), 240, "the ranks to start", log,
+             cluster=slurm_cluster, job=job)
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", str(job)])
     pending = release_requeued(slurm_cluster, job, 1, log)
     assert pending["Restarts"] == "1"
@@ -65,9 +66,9 @@ def test_batch_shell_signal_is_forwarded_and_exit_3_requeues(slurm_cluster, tmp_
             assert r["sum"] == 3.0 and r["master"] == ranks[0]["master"], r
             assert r["master"].startswith(f"{slurm_cluster.hostname}:"), r
             assert r["resume"] == "auto" and r["run_dir"] == str(tmp_path / "run") and r["omp"] == "1", r
-            assert r["usr1_ignored_at_start"] is True, r
+            assert r["usr1_blocked_at_start"] is True, r
             if restart == 0:
-                assert r["signal"] == "SIGUSR1", r
+                assert r["signal"] == "SIGUSR1" and r["helper_survived"] is True, r
     # Each incarnation rendezvouses on its own port (the old one may linger in TIME_WAIT).
     assert {r["master"] for r in runs if r["restart"] == 0} != {r["master"] for r in runs if r["restart"] == 1}
     text = read_text(log)
@@ -83,12 +84,16 @@ def test_no_requeue_when_disabled(slurm_cluster, tmp_path):
     env = _env(tmp_path, AAPO_REQUEUE="0",
                AAPO_EXTRA_ARGS="--set parallel.tensor_model_parallel_size=2 --wait-for-signal")
     job, log = submit_70b(slurm_cluster, str(tmp_path), env)
-    wait_for(lambda: os.path.isdir(tmp_path / "run"), 120, "the ranks to start", log)
+    wait_for(lambda: os.path.isdir(tmp_path / "run"), 240, "the ranks to start", log,
+             cluster=slurm_cluster, job=job)
     slurm_cluster.run(["scancel", "--signal=USR1", str(job)])  # to the steps only: the default delivery
     info = slurm_cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0", read_text(log)
     assert info["Restarts"] == "0"
     assert "AAPO_REQUEUE=0: not requeueing" in read_text(log)
+    ranks = read_jsonl(str(tmp_path / "run" / "ranks.jsonl"))
+    # Slurm signalled every process of the step; the ranks' helper processes lived on (the signal shield).
+    assert len(ranks) == 2 and all(r["signal"] == "SIGUSR1" and r["helper_survived"] for r in ranks), ranks
 
 
 def test_bad_override_fails_before_srun(slurm_cluster, tmp_path):

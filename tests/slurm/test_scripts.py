@@ -94,9 +94,9 @@ def test_70b_layout_four_training_nodes_and_two_rollout_servers():
     assert "trainer.steps=3" in _sets(args)
     assert args[args.index("--resume") + 1] == "auto"
     assert {"rollout.server_url=http://gpu5:8000", "rollout.reference_server_url=http://gpu6:8000"} <= set(_sets(args))
-    # Every task starts with SIGUSR1 ignored until the program installs its own handler.
-    assert trainer[trainer.index("aapo-train") - 4:trainer.index("aapo-train")] == [
-        "bash", "-c", 'trap "" USR1; exec "$@"', "aapo-task"]
+    # Every task runs under the signal shield (SIGUSR1 to the trainer's handler only, never to its helpers).
+    assert trainer[trainer.index("aapo-train") - 2:trainer.index("aapo-train")] == [
+        "python3", os.path.join(REPO, "slurm", "signal_shield.py")]
 
 
 def test_70b_colocated_and_env_overrides():

@@ -8,7 +8,8 @@
 //                           log p_j = (x_j - max) - log sumexp (exact for large common offsets),
 //                           written to `grad_out`, which may be the logits buffer itself (in-place backward).
 //   logprob_fused_fwd_bwd   TP=1 with dL/dlogp known before the forward: stats then gradient per row while the
-//                           row is still in cache (one DRAM read + one write in total).
+//                           row is still in cache (one DRAM read + one write in total), reusing the forward's
+//                           exponentials from a per-thread fp32 row scratch (one exp per logit in total).
 //
 // exp is ATen's vectorised exp_u20 (documented ULP bound 20; the measured error is asserted in
 // tests/ops/test_logprob.py::test_vectorised_exp_error).
@@ -35,6 +36,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <vector>
 
 #include "aapo_math.h"
 
@@ -68,8 +70,10 @@ inline float hsum(const Vec& v) {
 }
 
 // Stats of one row x[0, v) relative to its max, blocked so the exp pass re-reads the block from L1.
-template <typename scalar_t>
-math::SoftmaxStats row_stats(const scalar_t* x, int64_t v) {
+// With kKeep, also stores e_j = exp(x_j - ref_b) in keep[0, v) (fp32 scratch) and each block's reference max ref_b
+// in block_ref (-inf for a block skipped as all -inf, whose e_j are 0), so a fused gradient pass needs no exp.
+template <typename scalar_t, bool kKeep = false>
+math::SoftmaxStats row_stats(const scalar_t* x, int64_t v, float* keep = nullptr, float* block_ref = nullptr) {
   float m = -INFINITY;
   Vec s0(0.f), s1(0.f), p0(0.f), p1(0.f);
   float s_tail = 0.f, p_tail = 0.f;
@@ -97,7 +101,14 @@ math::SoftmaxStats row_stats(const scalar_t* x, int64_t v) {
       }
       m = bm;
     }
-    if (m == -INFINITY) continue;  // everything so far is -inf
+    if (m == -INFINITY) {  // everything so far is -inf
+      if constexpr (kKeep) {
+        std::fill(keep + start, keep + start + len, 0.f);
+        block_ref[start / kBlock] = -INFINITY;
+      }
+      continue;
+    }
+    if constexpr (kKeep) block_ref[start / kBlock] = m;
     const Vec mv(m);
     for (int64_t j = 0; j < nvec; j += kChunk) {
       load2(xb + j, a, b);
@@ -107,6 +118,10 @@ math::SoftmaxStats row_stats(const scalar_t* x, int64_t v) {
       s1 = s1 + e1;
       p0 = at::vec::fmadd(e0, d0, p0);
       p1 = at::vec::fmadd(e1, d1, p1);
+      if constexpr (kKeep) {
+        e0.store(keep + start + j);
+        e1.store(keep + start + j + kVec);
+      }
     }
     // Only the last block can have a tail (kBlock is a multiple of kChunk), so m is final here.
     for (int64_t j = nvec; j < len; ++j) {
@@ -114,6 +129,7 @@ math::SoftmaxStats row_stats(const scalar_t* x, int64_t v) {
       const float e = std::exp(d);
       s_tail += e;
       p_tail += e * d;
+      if constexpr (kKeep) keep[start + j] = e;
     }
   }
   math::SoftmaxStats st;
@@ -157,6 +173,27 @@ void row_grad(const scalar_t* x, scalar_t* out, int64_t v, int64_t target_local,
     out[target_local] =
         static_cast<scalar_t>(math::logprob_entropy_grad(lp, std::exp(lp), true, entropy, g_logp, g_e));
   }
+}
+
+// The fused pass's gradient g_logp * (onehot - p) from the kept exponentials of row_stats<.., true>:
+// p_j = e_j * exp(ref_b - max) / sumexp. One read of the fp32 scratch (in cache) and one write, no exp per element.
+template <typename scalar_t>
+void row_grad_from_kept(const float* keep, const float* block_ref, scalar_t* out, int64_t v, int64_t target,
+                        math::SoftmaxStats st, float g_logp) {
+  float p_target = 0.f;
+  for (int64_t start = 0; start < v; start += kBlock) {
+    const int64_t len = std::min(kBlock, v - start);
+    const int64_t nvec = len - len % kChunk;
+    const float ref = block_ref[start / kBlock];
+    const float scale = ref == -INFINITY ? 0.f : std::exp(ref - st.max) / st.sumexp;  // e_j -> p_j
+    const Vec sv(-g_logp * scale);
+    const float* kb = keep + start;
+    scalar_t* ob = out + start;
+    for (int64_t j = 0; j < nvec; j += kChunk) store2(ob + j, Vec::loadu(kb + j) * sv, Vec::loadu(kb + j + kVec) * sv);
+    for (int64_t j = nvec; j < len; ++j) ob[j] = static_cast<scalar_t>(-g_logp * scale * kb[j]);
+    if (target >= start && target < start + len) p_target = scale * kb[target - start];
+  }
+  out[target] = static_cast<scalar_t>(math::logprob_entropy_grad(0.f, p_target, true, 0.f, g_logp, 0.f));
 }
 
 struct RowLayout {
@@ -310,16 +347,15 @@ at::Tensor logprob_fused_fwd_bwd(const at::Tensor& logits, const at::Tensor& tar
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* o = grad_out.data_ptr<scalar_t>();
     at::parallel_for(0, L.n, grain_rows(L.v), [&](int64_t begin, int64_t end) {
+      std::vector<float> keep(L.v), block_ref((L.v + kBlock - 1) / kBlock);  // per-thread fp32 scratch, one row
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row = x + i * L.stride;
-        const math::SoftmaxStats st = row_stats(row, L.v);
-        const float target_logit = static_cast<float>(row[tp[i]]);  // read before a possible in-place write
+        const math::SoftmaxStats st = row_stats<scalar_t, true>(row, L.v, keep.data(), block_ref.data());
         sp[4 * i + 0] = st.max;
         sp[4 * i + 1] = st.sumexp;
         sp[4 * i + 2] = st.sum_pd;
-        sp[4 * i + 3] = target_logit;
-        row_grad(row, o + i * out_stride, L.v, tp[i], st.max, std::log(st.sumexp), math::softmax_entropy(st), glp[i],
-                 0.f, false);
+        sp[4 * i + 3] = static_cast<float>(row[tp[i]]);  // read before a possible in-place write
+        row_grad_from_kept(keep.data(), block_ref.data(), o + i * out_stride, L.v, tp[i], st, glp[i]);
       }
     });
   });

@@ -63,6 +63,17 @@ def test_forward_backward_matches_reference(n, v, dtype, extreme):
     assert x.grad.dtype == dtype
     torch.testing.assert_close(x.grad.double(), grad_ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=atol)
 
+    # the fused TP=1 pass (gradient in the forward from the kept exponentials), across blocks and -inf blocks
+    _, _, grad_ref_lp = _reference_grads(x0, t, g_logp, torch.zeros(n))
+    for inplace in (False, True):
+        leaf = x0.clone().requires_grad_(True)
+        loss, lp_f, h_f = fused_logprob_loss(leaf * 1, t, g_logp, inplace=inplace)
+        loss.backward()
+        torch.testing.assert_close(lp_f.double(), lp_ref, rtol=1e-6, atol=2e-5)
+        torch.testing.assert_close(h_f.double(), h_ref, rtol=0, atol=2e-5)
+        torch.testing.assert_close(leaf.grad.double(), grad_ref_lp, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=atol)
+
 
 def test_leading_dims_and_minus_inf_target():
     x = torch.randn(3, 2, 50)

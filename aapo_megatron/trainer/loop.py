@@ -12,9 +12,11 @@ rank owns its TP/PP shard of the policy. Only token ids cross the broadcast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -78,6 +80,18 @@ def _broadcast_object(obj: Any, src: int = 0) -> Any:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def _usr1_blocked_in_children():
+    """Start helper processes with SIGUSR1 blocked: Slurm sends its warning signal to every process of the job
+    step, and vLLM's engine or a reward worker would die of it (its default action). The trainer's own handler
+    runs once the mask is restored here; a signal that arrived meanwhile is delivered then."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def setup_logging(rank: int) -> None:
@@ -189,6 +203,10 @@ class TrainingJob:
 
     def _rank0_components(self, hf_init: str) -> None:
         """Engines, reward pool and datasets (rank 0 only)."""
+        with _usr1_blocked_in_children():
+            self._start_rank0_components(hf_init)
+
+    def _start_rank0_components(self, hf_init: str) -> None:
         from aapo_megatron.data.dataset import PromptDataset
         from aapo_megatron.data.sampler import ResumableSampler
         from aapo_megatron.rewards.pool import RewardPool
@@ -466,12 +484,7 @@ class TrainingJob:
         for step in range(start + 1, total + 1):
             t_step = time.perf_counter()
             m: dict[str, float] = {}
-            if self.is_rank0:
-                idx = self.sampler.next_batch(cfg.data.prompts_per_step)
-                batch, m = self.collector.collect([self.train_set[i] for i in idx], step)
-            else:
-                batch = None
-            batch = _broadcast_object(batch)
+            batch, m = self._collect_with_restart(step)
             t0 = time.perf_counter()
             loss_name = self._loss_name()
             results = self._updates(batch, cfg.trainer.updates_per_step, loss_name)
@@ -497,6 +510,53 @@ class TrainingJob:
         if bar is not None:
             bar.close()
         return EXIT_OK
+
+    def _collect_with_restart(self, step: int) -> tuple[RolloutBatch, dict]:
+        """Collective: rank 0 collects the step's rollouts; a failed engine is restarted once, then the run stops."""
+        from aapo_megatron.trainer.rollout import EngineFailure
+
+        prompts = None
+        if self.is_rank0:
+            idx = self.sampler.next_batch(self.cfg.data.prompts_per_step)
+            prompts = [self.train_set[i] for i in idx]
+        for attempt in (1, 2):
+            message: Any = None
+            metrics: dict = {}
+            if self.is_rank0:
+                try:
+                    message, metrics = self.collector.collect(prompts, step)
+                except EngineFailure as exc:
+                    message = ("restart", str(exc)) if attempt == 1 else ("fail", str(exc))
+            message = _broadcast_object(message)
+            if isinstance(message, RolloutBatch):
+                if attempt == 2:
+                    metrics["rollout/engine_restarts"] = 1.0
+                return message, metrics
+            kind, text = message
+            if kind == "fail":
+                raise TrainingError(f"{text} (again, after one restart); giving up. Check the engine log above "
+                                    f"(out of memory? rollout.memory_fraction={self.cfg.rollout.memory_fraction})")
+            log.warning("%s; restarting the rollout engines once", text)
+            if self.is_rank0:
+                self._restart_engines()
+            self.sync_policy_engine()  # the new policy engine starts from hf_init: give it the current weights
+        raise AssertionError("unreachable")
+
+    def _restart_engines(self) -> None:
+        """Rank 0: close both engines and start them again from the run's starting checkpoint."""
+        from aapo_megatron.rollout.vllm_engine import build_engines
+
+        for engine in (self.policy_engine, self.reference_engine):
+            if engine is not None:
+                try:
+                    engine.close()
+                except Exception as exc:  # noqa: BLE001 - it is already broken
+                    log.warning("closing the failed engine: %s", exc)
+        hf_init = os.path.join(self.run_dir, HF_INIT_DIR)
+        with _usr1_blocked_in_children():
+            self.policy_engine, self.reference_engine = build_engines(
+                hf_init, self.cfg.rollout, reference=self.reference_engine is not None)
+        self.collector.policy, self.collector.reference = self.policy_engine, self.reference_engine
 
     def _loss_name(self) -> str:
         from aapo_megatron.trainer.losses import loss_name_for

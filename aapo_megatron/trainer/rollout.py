@@ -20,6 +20,22 @@ from aapo_megatron.trainer.batch import RolloutBatch
 _POLICY_STREAM, _REFERENCE_STREAM, _EVAL_STREAM = 0, 1, 2
 
 
+class EngineFailure(RuntimeError):
+    """A rollout engine failed while generating (its process died or it refused the request)."""
+
+    def __init__(self, role: str, cause: BaseException):
+        super().__init__(f"{role} rollout engine failed: {type(cause).__name__}: {cause}")
+        self.role = role
+
+
+def _generate(engine: RolloutEngine, role: str, prompts, spec: SamplingSpec):
+    """engine.generate, with any failure reported as EngineFailure naming the engine."""
+    try:
+        return engine.generate(prompts, spec)
+    except Exception as exc:  # noqa: BLE001 - the caller decides whether to restart
+        raise EngineFailure(role, exc) from exc
+
+
 def step_seed(base: int, step: int, stream: int) -> int:
     """Deterministic per-step sampling seed (fits in 31 bits)."""
     return (base * 1_000_003 + step * 7_919 + stream * 104_729) % (2**31 - 1)
@@ -85,11 +101,11 @@ class RolloutCollector:
         if self.cfg.algorithm.reference_rollouts == "cached":
             keys = [prompt_key(p) for p in prompts]
             groups = self.reference_cache.get_or_generate(
-                keys, [p.input_ids for p in prompts], lambda ids: self.reference.generate(ids, spec).completions, n=G)
+                keys, [p.input_ids for p in prompts], lambda ids: _generate(self.reference, "reference", ids, spec).completions, n=G)
             timings["reference/cache_size"] = float(len(self.reference_cache))
             timings["reference/cache_hits"] = float(self.reference_cache.hits)
         else:
-            groups = self.reference.generate([p.input_ids for p in prompts], spec).completions
+            groups = _generate(self.reference, "reference", [p.input_ids for p in prompts], spec).completions
         timings["time/reference"] = time.perf_counter() - t0
         return groups
 
@@ -100,7 +116,7 @@ class RolloutCollector:
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         spec = sampling_spec(cfg, step_seed(cfg.rollout.seed, step, _POLICY_STREAM), stop_token_ids=[self.eos])
-        policy_out = self.policy.generate([p.input_ids for p in prompts], spec)
+        policy_out = _generate(self.policy, "policy", [p.input_ids for p in prompts], spec)
         metrics["time/rollout"] = time.perf_counter() - t0
         metrics["rollout/weight_version"] = float(policy_out.weight_version)
         policy = flatten(policy_out.completions)  # [B*G]
@@ -158,7 +174,7 @@ def evaluate(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Any], rewa
     """Greedy decoding on held-out prompts; accuracy = mean correctness reward (1.0 = correct)."""
     t0 = time.perf_counter()
     spec = sampling_spec(cfg, seed=0, greedy=True, stop_token_ids=[eos_token_id])
-    out = engine.generate([p.input_ids for p in prompts], spec)
+    out = _generate(engine, "policy", [p.input_ids for p in prompts], spec)
     completions = flatten(out.completions)
     scored = reward_pool.score(completion_texts(tokenizer, completions), [p.reward_sample() for p in prompts],
                                num_tokens=[len(c.token_ids) for c in completions])

@@ -39,10 +39,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside Megatron's DDP wrapper (checkpoint keys then match `aapo-convert`'s)."""
+    from aapo_megatron.models.weights import unwrap_model
+
+    return unwrap_model(chunk)
+
+
 def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
     if len(model_chunks) == 1:
-        return model_chunks[0].sharded_state_dict()
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return _unwrap(model_chunks[0]).sharded_state_dict()
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
 def save_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], optimizer=None) -> None:
@@ -65,10 +72,10 @@ def load_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], opt
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
     loaded = dist_checkpointing.load(state, path)
     if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
+        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded["model"][f"model{i}"])
+            _unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
 

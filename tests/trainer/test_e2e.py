@@ -151,3 +151,28 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     assert state["loop"]["step"] == info.step
     with open(os.path.join(info.path, "model", "metadata.json")) as fh:
         assert json.load(fh)  # a Megatron dist checkpoint
+
+
+@pytest.mark.slow
+def test_dead_rollout_engine_is_restarted_once(tmp_path):
+    import psutil
+
+    run_dir = str(tmp_path / "restart")
+    proc = subprocess.Popen(_cmd(run_dir, 1, ["trainer.steps=3", "checkpoint.save_every=0"]), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        assert _wait_for(lambda: any(r["step"] >= 1 for r in read_metrics(metrics)), proc, 600)
+        cores = [p for p in psutil.Process(proc.pid).children(recursive=True) if "EngineCore" in p.name()]
+        assert cores, "no vLLM engine-core process found"
+        cores[0].kill()  # the fault: a real engine process dies (as after an OOM kill)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert "restarting the rollout engines once" in out
+    records = _rl_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert sum(r.get("rollout/engine_restarts", 0) for r in records) == 1
+    assert all(r["mismatch/mean"] < 1e-4 for r in records)  # the restarted engine got the current weights

@@ -1,6 +1,6 @@
 """Fused vocab-parallel token log-prob: ours vs Megatron-Core's vocab_parallel_cross_entropy vs log_softmax+gather.
 
-Times forward + backward (median of --iters interleaved rounds after a warm-up round), measures extra peak memory over the logits (peak RSS
+Times forward + backward (best of --iters interleaved rounds after a warm-up round), measures extra peak memory over the logits (peak RSS
 above the resident set before the call; the process runs with MALLOC_MMAP_THRESHOLD_ so freed tensors leave the
 RSS), and prints our achieved bandwidth next to a same-run clone() of the logits. All in one run:
 
@@ -52,8 +52,8 @@ def extra_peak_bytes(fn) -> int:
 
 
 def time_interleaved(fns: dict, setup, iters: int) -> dict:
-    """Median seconds of each fn(*setup()) over iters rounds after one warm-up round; the fns take turns within a
-    round so load from other processes on a shared machine hits all of them alike. setup is not timed."""
+    """Best (min) seconds of each fn(*setup()) over iters rounds after one warm-up round. The fns take turns within a
+    round, and the minimum discards time lost to other processes on a shared machine. setup is not timed."""
     times = {name: [] for name in fns}
     for i in range(iters + 1):
         for name, fn in fns.items():
@@ -64,7 +64,7 @@ def time_interleaved(fns: dict, setup, iters: int) -> dict:
             del args
             if i:
                 times[name].append(dt)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def _collective_body(rank, world, n, kind, iters, q):
@@ -125,7 +125,7 @@ def main() -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)  # Megatron's op reads its global group
 
     n = args.n
-    print(f"threads={torch.get_num_threads()}  N={n}  V={args.v}  iters={args.iters} (median)")
+    print(f"threads={torch.get_num_threads()}  N={n}  V={args.v}  best of {args.iters} interleaved rounds")
     coll = {}
     if "2" in args.tp.split(","):
         coll = {k: collective_seconds(n, k) for k in ("ours", "megatron")}

@@ -269,6 +269,8 @@ class TrainerConfig:
     """Learning rate of the SFT warm start (constant; RL uses optim.lr with a fresh optimizer)."""
     sft_batch_size: int = 32
     """Prompt/answer pairs per SFT step."""
+    sft_target: str = "{answer}"
+    """SFT completion text; {answer} is replaced by the ground truth (e.g. "<answer>{answer}</answer>")."""
     run_dir: str = "runs/default"
     """Output directory: metrics, plots, checkpoints."""
 
@@ -658,6 +660,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     t = cfg.trainer
     _non_negative(t, "trainer", "steps", "eval_every", "sft_steps")
     _positive(t, "trainer", "sft_lr", "sft_batch_size")
+    _check("{answer}" in t.sft_target, "trainer.sft_target", "must contain the placeholder {answer}", t.sft_target)
     _positive(t, "trainer", "updates_per_step", "micro_batch_tokens", "max_bad_steps")
     n_samples = d.prompts_per_step * r.num_generations
     _check(n_samples % t.updates_per_step == 0, "trainer.updates_per_step",

@@ -347,7 +347,9 @@ class TrainingJob:
         eos = self.tokenizer.eos_token_id
         idx = sampler.next_batch(self.cfg.trainer.sft_batch_size)
         chosen = [prompts[i] for i in idx]
-        answers = [self.tokenizer.encode(p.answer, add_special_tokens=False) + [eos] for p in chosen]
+        target = self.cfg.trainer.sft_target
+        answers = [self.tokenizer.encode(target.replace("{answer}", p.answer), add_special_tokens=False) + [eos]
+                   for p in chosen]
         return RolloutBatch(prompt_ids=[list(p.input_ids) for p in chosen], completion_ids=answers,
                             advantages=torch.ones(len(chosen)))
 

@@ -446,8 +446,8 @@ class TrainingJob:
                 log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))
                 return EXIT_OK
             # The frozen reference (and the policy engine's initial weights) = the starting point of RL.
-            if not os.path.isdir(hf_init):
-                self.export_hf(hf_init)
+            if resumed_step is None or not os.path.isdir(hf_init):
+                self.export_hf(hf_init)  # a fresh run always starts from its own weights, never a stale export
             if self.is_rank0:
                 self._rank0_components(hf_init)
             _barrier()

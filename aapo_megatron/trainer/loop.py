@@ -58,6 +58,8 @@ class LoopState:
     """Steps in a row skipped for a non-finite loss or gradient."""
     total_bad: int = 0
     """Skipped steps over the run."""
+    engine_restarts: int = 0
+    """Rollout engines restarted after a failure (generation or weight sync)."""
     sampler: dict = field(default_factory=dict)
     """RL prompt sampler state."""
     sft_sampler: dict = field(default_factory=dict)
@@ -280,17 +282,41 @@ class TrainingJob:
         _barrier()
 
     def sync_policy_engine(self) -> float:
-        """Collective: stream the current weights to the policy engine; returns seconds."""
+        """Collective: stream the current weights to the policy engine; returns seconds.
+
+        If the engine fails during the sync (its process died, a stage timed out), rank 0 restarts both
+        engines once and the sync is repeated; a second failure stops the run.
+        """
         t0 = time.perf_counter()
-        if self._model_parallel_rank0():
-            tensors = self._iter_hf()
+        for attempt in (1, 2):
+            error = self._sync_once()
+            error = _broadcast_object(error)
+            if error is None:
+                break
+            if attempt == 2:
+                raise TrainingError(f"weight sync to the policy engine failed again after a restart: {error}")
+            log.warning("weight sync failed (%s); restarting the rollout engines once", error)
             if self.is_rank0:
-                self.policy_engine.update_weights(tensors)
-            else:
-                for _ in tensors:  # take part in the TP/PP collectives
-                    pass
+                self._restart_engines()
+                self.state.engine_restarts += 1
         _barrier()
         return time.perf_counter() - t0
+
+    def _sync_once(self) -> Optional[str]:
+        """One pass of the weight stream; rank 0 returns the failure text, if any (the stream is always drained
+        so the TP/PP gathers stay aligned across ranks)."""
+        if not self._model_parallel_rank0():
+            return None
+        tensors = self._iter_hf()
+        error = None
+        if self.is_rank0:
+            try:
+                self.policy_engine.update_weights(tensors)
+            except Exception as exc:  # noqa: BLE001 - reported, then one restart
+                error = f"{type(exc).__name__}: {exc}"
+        for _ in tensors:  # take part in the remaining collectives
+            pass
+        return error
 
     # ================================================================== updates
     def _updates(self, batch: RolloutBatch, num_updates: int, loss_name: str) -> list:
@@ -498,6 +524,7 @@ class TrainingJob:
             m["time/step"] = time.perf_counter() - t_step
             m["tokens_per_s"] = m.get("rollout/tokens", 0.0) / m["time/step"] if self.is_rank0 else 0.0
             m["bad_steps"] = float(self.state.total_bad)
+            m["rollout/engine_restarts"] = float(self.state.engine_restarts)
             if self.is_rank0:
                 self.metrics.log(step, m)
                 self._progress(bar, step, m)
@@ -531,8 +558,6 @@ class TrainingJob:
                     message = ("restart", str(exc)) if attempt == 1 else ("fail", str(exc))
             message = _broadcast_object(message)
             if isinstance(message, RolloutBatch):
-                if attempt == 2:
-                    metrics["rollout/engine_restarts"] = 1.0
                 return message, metrics
             kind, text = message
             if kind == "fail":
@@ -541,6 +566,7 @@ class TrainingJob:
             log.warning("%s; restarting the rollout engines once", text)
             if self.is_rank0:
                 self._restart_engines()
+                self.state.engine_restarts += 1
             self.sync_policy_engine()  # the new policy engine starts from hf_init: give it the current weights
         raise AssertionError("unreachable")
 

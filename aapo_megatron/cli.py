@@ -49,9 +49,19 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"aapo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    _quiet_known_warnings()
     from aapo_megatron.trainer.loop import run_training
 
     return run_training(cfg)
+
+
+def _quiet_known_warnings() -> None:
+    """Megatron warns at import that Transformer Engine / Apex are absent: expected on CPU, noise in the log."""
+    import warnings
+
+    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{text}.*")
 
 
 def convert_main(argv: Optional[list[str]] = None) -> int:

@@ -41,7 +41,13 @@ def main(argv=None) -> int:
     for o in args.overrides:
         cmd += ["--set", o]
     if args.tp > 1:
-        cmd = [os.path.join(bindir, "torchrun"), "--standalone", f"--nproc-per-node={args.tp}", "--no-python"] + cmd
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [os.path.join(bindir, "torchrun"), f"--master-port={port}", f"--nproc-per-node={args.tp}",
+               "--no-python"] + cmd
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -15,9 +15,11 @@ are waited on with a timeout; one that hangs raises `WeightSyncTimeout` naming t
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -113,7 +115,7 @@ class StageRunner:
             if device is not None:
                 torch.cuda.set_device(device)
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aapo-wsync", initializer=_init)
+        self._pool = _DaemonWorker("aapo-wsync", _init)
 
     def submit(self, stage: str, fn: Callable[[], Any]) -> tuple[str, float, Future]:
         """Start a stage; returns a handle for `wait`."""
@@ -144,7 +146,41 @@ class StageRunner:
 
     def close(self) -> None:
         """Stop the worker thread without waiting for a hung stage."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
+
+
+class _DaemonWorker:
+    """One daemon thread running submitted callables in order. Unlike ThreadPoolExecutor's workers, a stage
+    hung on a dead engine (abandoned after its timeout) never blocks interpreter exit."""
+
+    def __init__(self, name: str, initializer: Callable[[], None]):
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, args=(initializer,), name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self, initializer: Callable[[], None]) -> None:
+        initializer()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                fut.set_exception(exc)
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Queue fn; its Future completes when the worker has run it."""
+        fut: Future = Future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def shutdown(self) -> None:
+        """Ask the worker to stop after the current call (never waits)."""
+        self._queue.put(None)
 
 
 def _next_bucket(it: Iterator[list[tuple[str, torch.Tensor]]]) -> Optional[list[tuple[str, torch.Tensor]]]:

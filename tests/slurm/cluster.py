@@ -101,6 +101,8 @@ class LocalSlurmCluster:
     """MinJobAge: seconds a finished job stays queryable with scontrol."""
     partition: str = "debug"
     """Name of the single partition."""
+    cred_expire_s: int = 10
+    """Job credential lifetime (s); Slurm also holds a requeued job this long before it may start again."""
 
     def __post_init__(self) -> None:
         self._own_root = self.root is None
@@ -150,7 +152,8 @@ class LocalSlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
+            f"AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire_s}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",

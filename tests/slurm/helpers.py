@@ -60,15 +60,14 @@ def _log_tail(log: Optional[str], lines: int = 60) -> str:
 
 
 def release_requeued(cluster: LocalSlurmCluster, job: int, restarts: int, log: str, timeout: float = 120.0) -> dict:
-    """Wait until `job` is pending again after its `restarts`-th requeue, then lift Slurm's requeue back-off.
+    """Wait until `job` is pending again after its `restarts`-th requeue; returns the job record seen then.
 
-    Slurm holds a requeued job for a fixed delay (BeginTime = now + ~2 min); `scontrol update StartTime=now`
-    makes it eligible at once, as an operator could. Returns the job record seen while it was pending.
+    Slurm holds a requeued job until its old credential has expired (BeginTime = requeue + cred_expire, 10 s on
+    the test cluster). Forcing an earlier start (`scontrol update StartTime=now`) makes slurmctld kill the new
+    batch job with "Job credential revoked", so the tests wait like a real cluster would.
     """
     def pending():
         info = cluster.job(job)
         return info if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= restarts else None
 
-    info = wait_for(pending, timeout, f"job {job} to be requeued ({restarts})", log, cluster=cluster, job=job)
-    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
-    return info
+    return wait_for(pending, timeout, f"job {job} to be requeued ({restarts})", log, cluster=cluster, job=job)

@@ -72,9 +72,11 @@ def convert_main(argv: Optional[list[str]] = None) -> int:
 
 
 def eval_main(argv: Optional[list[str]] = None) -> int:
-    """aapo-eval --model DIR --data FILE."""
-    print("aapo-eval: not implemented yet (issue 10)", file=sys.stderr)
-    return EXIT_ERROR
+    """aapo-eval --model DIR --data FILE [FILE ...]."""
+    _quiet_known_warnings()
+    from aapo_megatron.eval.cli import main
+
+    return main(argv)
 
 
 def rollout_server_main(argv: Optional[list[str]] = None) -> int:

@@ -6,7 +6,6 @@ learner ranks train on, plus the step's rollout metrics.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Optional, Sequence
 
@@ -171,20 +170,9 @@ def prompt_key(prompt: Any) -> str:
 
 def evaluate(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Any], reward_pool: Any, cfg: Config,
              eos_token_id: int) -> dict[str, float]:
-    """Greedy decoding on held-out prompts; accuracy = mean correctness reward (1.0 = correct)."""
-    t0 = time.perf_counter()
+    """Greedy decoding on held-out prompts with aapo-eval's code; accuracy = mean correctness reward (1.0 = correct)."""
+    from aapo_megatron.eval.runner import held_out_metrics
+
     spec = sampling_spec(cfg, seed=0, greedy=True, stop_token_ids=[eos_token_id])
-    out = _generate(engine, "policy", [p.input_ids for p in prompts], spec)
-    completions = flatten(out.completions)
-    scored = reward_pool.score(completion_texts(tokenizer, completions), [p.reward_sample() for p in prompts],
-                               num_tokens=[len(c.token_ids) for c in completions])
-    col = correctness_column(scored.names)
-    total = scored.total()
-    metrics = {
-        "eval/reward": float(total.nanmean()) if len(total) else math.nan,
-        "eval/len_mean": float(sum(len(c.token_ids) for c in completions) / max(1, len(completions))),
-        "eval/seconds": time.perf_counter() - t0,
-    }
-    if col is not None:
-        metrics["eval/accuracy"] = float((scored.rewards[:, col] == 1.0).float().mean())
-    return metrics
+    return held_out_metrics(engine, tokenizer, prompts, reward_pool, spec,
+                            generate=lambda ids, s: _generate(engine, "policy", ids, s))

@@ -176,14 +176,15 @@ def load_benchmark(spec: BenchmarkSpec, data_cfg: Any, tokenizer: Any) -> Benchm
     except DataError as exc:
         raise EvalInputError(str(exc)) from None
     prompts = list(ds)
-    if data_cfg.max_items:
-        prompts = prompts[: data_cfg.max_items]
+    # The fingerprint covers every item (not the max_items cut): a run over the first N items can be
+    # continued by a full run. The token ids catch a changed tokenizer or template too.
     h = hashlib.sha256()
     h.update(file_sha256(spec.path).encode())
-    for part in (p_key, a_key, data_cfg.system_prompt, data_cfg.chat_template, data_cfg.max_prompt_tokens,
-                 data_cfg.max_items):
+    for part in (p_key, a_key, data_cfg.system_prompt, data_cfg.chat_template, data_cfg.max_prompt_tokens):
         h.update(repr(part).encode())
-    h.update(repr([p.input_ids for p in prompts]).encode())  # catches a changed tokenizer or template too
+    h.update(repr([(p.row, p.input_ids, p.answer) for p in prompts]).encode())
+    if data_cfg.max_items:
+        prompts = prompts[: data_cfg.max_items]
     return Benchmark(spec=spec, prompts=prompts, prompt_key=p_key, answer_key=a_key, skipped=ds.bad_rows.count,
                      skipped_detail=ds.bad_rows.summary() if ds.bad_rows.count else "", fingerprint=h.hexdigest())
 

@@ -113,6 +113,9 @@ def resolve_columns(row: dict[str, Any], layout: str, prompt_key: Optional[str],
     def present(key: str) -> bool:
         return get_field(row, key) is not _MISSING
 
+    for role, key in (("prompt", prompt_key), ("answer", answer_key)):
+        if key is not None and not present(key):
+            raise EvalInputError(f"{where}: unknown {role} column {key!r}; the file has columns: {have}")
     if prompt_key is not None and answer_key is not None:
         p_key, a_key = prompt_key, answer_key
     else:
@@ -123,9 +126,6 @@ def resolve_columns(row: dict[str, Any], layout: str, prompt_key: Optional[str],
             raise EvalInputError(f"{where}: no prompt/answer columns of layout {layout!r} (looked for {wanted}); "
                                  f"the file has columns: {have}. Set data.prompt_key and data.answer_key")
         p_key, a_key = prompt_key or pair[0], answer_key or pair[1]
-    for role, key in (("prompt", p_key), ("answer", a_key)):
-        if not present(key):
-            raise EvalInputError(f"{where}: unknown {role} column {key!r}; the file has columns: {have}")
     return p_key, a_key
 
 

@@ -31,6 +31,8 @@ class EvalModelConfig:
     """vLLM compute dtype (auto: bfloat16 with CUDA, float32 on CPU)."""
     memory_fraction: float = 0.15
     """Share of device memory (RAM on CPU) for vLLM's KV cache."""
+    kv_cache_mb: Optional[int] = None
+    """KV cache size in MiB; overrides memory_fraction (small models on shared machines)."""
     max_model_len: Optional[int] = None
     """vLLM context length; default: the model's max_position_embeddings."""
 

@@ -30,6 +30,7 @@ from aapo_megatron.rollout.engine import (
 )
 from aapo_megatron.rollout.weight_sync import (
     NcclWeightTransfer,
+    ShmSlots,
     SyncStats,
     WeightSyncError,
     choose_transport,
@@ -91,6 +92,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._lock = threading.Lock()
         self._broken: Optional[str] = None
         self._nccl: Optional[NcclWeightTransfer] = None
+        self._slots: Optional[ShmSlots] = None  # reusable shm bucket files, made on the first sync
 
         if cpu_threads_bind is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
@@ -192,8 +194,10 @@ class VLLMRolloutEngine(RolloutEngine):
                     mark_broken()
                     stats = self._nccl.sync(named_tensors, bucket_bytes=self.bucket_bytes, dtype=dtype)
                 else:
+                    if self._slots is None:
+                        self._slots = ShmSlots(self.shm_dir)
                     stats = sync_shm(self.llm, named_tensors, bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s,
-                                     dtype=dtype, shm_dir=self.shm_dir, on_begin=mark_broken)
+                                     dtype=dtype, on_begin=mark_broken, slots=self._slots)
             except WeightSyncError:
                 raise
             except Exception as exc:
@@ -266,6 +270,9 @@ class VLLMRolloutEngine(RolloutEngine):
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001
             pass
+        if self._slots is not None:
+            self._slots.close()
+            self._slots = None
         self.llm = None
 
 

@@ -1,9 +1,11 @@
 """Weight sync, trainer -> vLLM policy engine: HF-named tensors streamed in buckets, every stage timed out.
 
 Transports (picked by `choose_transport`):
-- "shm": CPU / same host. Each bucket is written as one safetensors file under /dev/shm, the engine's
-  worker extension (`worker_extension.WeightSyncExtension`) loads it, the file is deleted. At most two
-  buckets exist at once (the one being loaded and the one being written), never the whole model.
+- "shm": CPU / same host. Buckets travel through /dev/shm and the engine's worker extension
+  (`worker_extension.WeightSyncExtension`) loads them. An in-process engine uses two reusable slot files
+  (`ShmSlots`, double-buffered, mapped by both processes once): a bucket costs one copy on each side and no
+  tmpfs page allocation. The rollout server path writes one safetensors file per bucket and deletes it.
+  Either way at most two buckets exist at once (the one being loaded and the one being written).
 - "nccl": GPU. vLLM's weight-transfer NCCL backend (`vllm.distributed.weight_transfer`): the trainer opens
   rank 0 of a trainer+workers NCCL group and broadcasts each bucket while the workers receive it through
   `LLM.update_weights`. Written against vLLM 0.32's protocol; it cannot run on this CPU-only machine.
@@ -14,6 +16,7 @@ are waited on with a timeout; one that hangs raises `WeightSyncTimeout` naming t
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import shutil
@@ -21,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -211,12 +215,84 @@ def default_shm_dir() -> str:
 
 @dataclass
 class FileSink:
-    """The receiving side of a file-based sync: begin, load(path) per bucket, finish, abort (after a failure)."""
+    """The receiving side of a file-based sync: begin, load(payload) per bucket, finish, abort (after a failure)."""
 
     begin: Callable[[], Any]
-    load: Callable[[str], Any]
+    load: Callable[[Any], Any]
     finish: Callable[[], Any]
     abort: Callable[[], Any]
+    write: Optional[Callable[[list[tuple[str, torch.Tensor]], int], Any]] = None
+    """write(bucket, k) -> the payload `load` takes. None: a safetensors file per bucket (payload: its path,
+    deleted after the load)."""
+
+
+_SLOT_ALIGN = 64
+
+
+class ShmSlots:
+    """Two reusable shared-memory bucket files (double buffer) for an engine on this host.
+
+    Bucket k goes to slot k % 2 (the sync loop never writes a slot the engine is still reading). A slot's
+    file grows to the largest bucket seen and is then reused: after the first sync, a bucket costs one copy
+    into already-allocated pages, and the engine maps each file once. Holds up to 2 x the largest bucket of
+    /dev/shm until `close()` (also called at garbage collection and interpreter exit).
+    """
+
+    def __init__(self, shm_dir: Optional[str] = None):
+        self.dir = tempfile.mkdtemp(prefix="aapo-wslots-", dir=shm_dir or default_shm_dir())
+        self._slots: list[Optional[tuple[str, int, Any, torch.Tensor]]] = [None, None]  # path, capacity, mmap, u8
+        self._files = 0
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
+
+    def write(self, bucket: list[tuple[str, torch.Tensor]], k: int) -> tuple[str, int, list]:
+        """Copy a bucket into slot k % 2; returns (path, slot, [[name, dtype, shape, byte offset], ...])."""
+        entries, offset = [], 0
+        for name, t in bucket:
+            entries.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
+            offset += -(-t.numel() * t.element_size() // _SLOT_ALIGN) * _SLOT_ALIGN
+        slot = k % 2
+        path, buf = self._ensure(slot, max(offset, _SLOT_ALIGN))
+        for (_, t), (_, _, _, off) in zip(bucket, entries):
+            nbytes = t.numel() * t.element_size()
+            buf[off:off + nbytes].view(t.dtype).view(t.shape).copy_(t)
+        return path, slot, entries
+
+    def _ensure(self, slot: int, nbytes: int) -> tuple[str, torch.Tensor]:
+        cur = self._slots[slot]
+        if cur is not None and cur[1] >= nbytes:
+            return cur[0], cur[3]
+        if cur is not None:
+            self._release(slot)
+        self._files += 1
+        path = os.path.join(self.dir, f"slot{slot}_{self._files}.bin")  # a new name: the engine remaps it
+        with open(path, "w+b") as fh:
+            fh.truncate(nbytes)
+            mm = mmap.mmap(fh.fileno(), nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)
+        self._slots[slot] = (path, nbytes, mm, buf)
+        return path, buf
+
+    def _release(self, slot: int) -> None:
+        cur = self._slots[slot]
+        self._slots[slot] = None
+        if cur is None:
+            return
+        path, _, mm, buf = cur
+        del buf, cur
+        try:
+            mm.close()
+        except BufferError:  # a view is still alive; the mapping is freed with it
+            pass
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Unmap and delete both slot files."""
+        for slot in range(2):
+            self._release(slot)
+        self._finalizer()
 
 
 def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
@@ -225,7 +301,7 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
     """Stream HF-named tensors to `sink` as safetensors bucket files (in shm); returns the stats.
 
     Bucket k+1 is gathered and written while the sink loads bucket k, so at most two buckets exist at once.
-    Files are removed even on failure. A failure after `begin` calls `sink.abort` (unless the sink itself
+    Per-bucket files (sink.write None) are removed even on failure. A failure after `begin` calls `sink.abort` (unless the sink itself
     hung) and re-raises; the receiver may then hold a mix of old and new weights.
     """
     if bucket_bytes <= 0:
@@ -234,7 +310,7 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
     t_start = time.perf_counter()
     gather = StageRunner(timeout_s, "weight sync")   # gathers + writes buckets
     engine = StageRunner(timeout_s, "weight sync")   # drives the receiver
-    workdir = tempfile.mkdtemp(prefix="aapo-wsync-", dir=shm_dir or default_shm_dir())
+    workdir = None if sink.write is not None else tempfile.mkdtemp(prefix="aapo-wsync-", dir=shm_dir or default_shm_dir())
     began = finished = False
     try:
         buckets = iter_buckets(named_tensors, bucket_bytes, dtype)
@@ -243,10 +319,12 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
         if on_begin is not None:
             on_begin()
 
-        def produce(k: int) -> Optional[tuple[str, int, int]]:
+        def produce(k: int) -> Optional[tuple[Any, int, int]]:
             bucket = _next_bucket(buckets)
             if bucket is None:
                 return None
+            if sink.write is not None:
+                return sink.write(bucket, k), len(bucket), bucket_nbytes(bucket)
             path = os.path.join(workdir, f"bucket_{k:05d}.safetensors")
             _write_bucket(bucket, path)
             return path, len(bucket), bucket_nbytes(bucket)
@@ -257,11 +335,12 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
             item = gather.wait(pending)
             if item is None:
                 break
-            path, n, nbytes = item
-            load = engine.submit(f"load bucket {k}", lambda p=path: sink.load(p))
+            payload, n, nbytes = item
+            load = engine.submit(f"load bucket {k}", lambda p=payload: sink.load(p))
             pending = gather.submit(f"gather+write bucket {k + 1}", lambda k1=k + 1: produce(k1))
             engine.wait(load)
-            os.remove(path)
+            if sink.write is None:
+                os.remove(payload)
             stats.num_tensors += n
             stats.num_bytes += nbytes
             stats.num_buckets += 1
@@ -278,7 +357,8 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
                 pass
         gather.close()
         engine.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     stats.stage_seconds = {**gather.stage_seconds, **engine.stage_seconds}
     stats.seconds = time.perf_counter() - t_start
     return stats
@@ -286,17 +366,22 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
 
 def sync_shm(llm: Any, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
              timeout_s: float, dtype: Optional[torch.dtype] = None, shm_dir: Optional[str] = None,
-             on_begin: Optional[Callable[[], None]] = None) -> SyncStats:
-    """Stream HF-named tensors into a vLLM `LLM` (with WeightSyncExtension) via safetensors files in shm."""
+             on_begin: Optional[Callable[[], None]] = None, slots: Optional[ShmSlots] = None) -> SyncStats:
+    """Stream HF-named tensors into a vLLM `LLM` (with WeightSyncExtension) through shm: reusable `slots`
+    when given, else one safetensors file per bucket."""
     rpc_timeout = timeout_s + 5.0  # the StageRunner timeout fires first and names the stage
 
     def rpc(method: str, *args: Any) -> Any:
         return llm.collective_rpc(method, timeout=rpc_timeout, args=args)
 
-    sink = FileSink(begin=lambda: rpc("aapo_begin_weight_update"),
-                    load=lambda path: rpc("aapo_load_weights_file", path),
+    if slots is not None:
+        load = lambda payload: rpc("aapo_load_weights_shm", *payload)  # noqa: E731
+    else:
+        load = lambda path: rpc("aapo_load_weights_file", path)  # noqa: E731
+    sink = FileSink(begin=lambda: rpc("aapo_begin_weight_update"), load=load,
                     finish=lambda: rpc("aapo_finish_weight_update"),
-                    abort=lambda: rpc("aapo_finish_weight_update"))
+                    abort=lambda: rpc("aapo_finish_weight_update"),
+                    write=None if slots is None else slots.write)
     return stream_via_files(sink, named_tensors, bucket_bytes=bucket_bytes, timeout_s=timeout_s, dtype=dtype,
                             shm_dir=shm_dir, on_begin=on_begin)
 

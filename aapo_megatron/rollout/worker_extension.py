@@ -4,14 +4,22 @@ vLLM mixes this class into its worker (`LLM(worker_extension_cls="aapo_megatron.
 WeightSyncExtension")`), so `self` is the vLLM worker inside the engine's spawned process. Tensors do not
 survive `collective_rpc` arguments, so each bucket travels as a safetensors file path (in /dev/shm).
 
-A session is begin -> load(path) per bucket -> finish. `begin` puts every layer in vLLM's layerwise-reload
-mode, so a layer whose tensors straddle two buckets is processed (CPU weight repacking) once all of its
-tensors have arrived; `finish` processes the rest and restores untouched layers.
+A session is begin -> load per bucket -> finish. A bucket is either a safetensors file
+(`aapo_load_weights_file`, used by the rollout server) or a region of a reusable shared-memory slot file
+(`aapo_load_weights_shm`, used by an in-process engine: no tmpfs page allocation and no parsing per sync).
+
+Layers whose live tensors are still in checkpoint format (embeddings, the LM head, norms) are loaded in place
+by their own weight loaders, with no staging copy. Only layers whose weights vLLM re-formatted at load time
+(on CPU: linear layers, whose weights were repacked for oneDNN and freed) go through vLLM's layerwise reload:
+their tensors are buffered until the layer is complete, then the layer is materialized, loaded and repacked.
+`finish` processes the rest and repacks the LM head's GEMM once.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 
 class WeightSyncExtension:
@@ -24,10 +32,19 @@ class WeightSyncExtension:
 
         if getattr(self, "_aapo_update_active", False):
             raise RuntimeError("aapo_begin_weight_update: a weight update session is already active")
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
         model = self.model_runner.get_model()
         self._aapo_aliases = _shared_parameters(model)
+        self._aapo_inplace = [m for m in model.modules() if _loads_in_place(m)]
+        # vLLM's initialize loop skips layers whose info reads "already initialized" (load_numel_total set);
+        # resetting that right after leaves the in-place layers untouched: live tensors, original loaders.
+        for layer in self._aapo_inplace:
+            get_layerwise_info(layer).load_numel_total = 0
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(model)
+        for layer in self._aapo_inplace:
+            get_layerwise_info(layer).reset()
         self._aapo_update_active = True
         self._aapo_loaded: set[str] = set()
 
@@ -54,6 +71,33 @@ class WeightSyncExtension:
             self._aapo_loaded.update(loaded)
         return count
 
+    def aapo_load_weights_shm(self, path: str, slot: int, entries: list) -> int:
+        """Load one bucket from a shared-memory slot file: entries are [name, dtype, shape, byte offset]."""
+        from vllm.config import set_current_vllm_config
+
+        if not getattr(self, "_aapo_update_active", False):
+            raise RuntimeError("aapo_load_weights_shm called outside a weight update session")
+        buf = _slot_buffer(self, path, int(slot))  # [capacity] uint8, shared with the trainer
+
+        def tensors():  # zero-copy views into the slot; loaders copy them into the weights
+            for name, dtype, shape, offset in entries:
+                dt = getattr(torch, dtype)
+                numel = 1
+                for d in shape:
+                    numel *= int(d)
+                nbytes = numel * dt.itemsize
+                yield name, buf[offset:offset + nbytes].view(dt).view(list(shape))
+
+        model = self.model_runner.get_model()
+        with set_current_vllm_config(self.vllm_config):
+            loaded = model.load_weights(tensors())
+        if loaded:
+            self._aapo_loaded.update(loaded)
+        # The trainer overwrites this slot two buckets later: layers still waiting for tensors from a later
+        # bucket must own copies of what they buffered from this one.
+        _own_buffered_tensors(model, buf)
+        return len(entries)
+
     def aapo_finish_weight_update(self) -> dict[str, Any]:
         """End the session: process pending layers; returns {'loaded': n, 'not_loaded': [names]}."""
         from vllm.config import set_current_vllm_config
@@ -64,7 +108,12 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
-            _retie(model, self._aapo_aliases)
+            reformat = _retie(model, self._aapo_aliases)
+            for layer in self._aapo_inplace:  # in-place layers: rebuild kernel-side copies (CPU GEMM packs)
+                if hasattr(layer, "cpu_linear"):
+                    reformat[id(layer)] = layer
+            for layer in reformat.values():
+                _refresh_cpu_gemm(layer)
         self._aapo_update_active = False
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
@@ -96,18 +145,103 @@ def _shared_parameters(model: Any) -> dict[str, str]:
     return aliases
 
 
-def _retie(model: Any, aliases: dict[str, str]) -> None:
-    """Point each alias back at its canonical parameter.
+def _retie(model: Any, aliases: dict[str, str]) -> dict[int, Any]:
+    """Point each alias back at its canonical parameter; returns the re-pointed owner modules by id.
 
-    Layerwise reload re-creates parameters per layer, which unties e.g. `lm_head.weight` from
+    Layerwise reload re-creates parameters per layer, which would untie e.g. `lm_head.weight` from
     `model.embed_tokens.weight` (vLLM skips the lm_head tensor of tied checkpoints, so it would keep the old
-    weights and log "ParallelLMHead: Failed to load weights"). On CPU the alias's module also holds a
-    repacked GEMM weight made at load time (`dispatch_cpu_unquantized_gemm`), so it is re-processed.
+    weights and log "ParallelLMHead: Failed to load weights"). Owners whose parameter changed must have their
+    kernel-side copies rebuilt (`_refresh_cpu_gemm`).
     """
+    changed: dict[int, Any] = {}
     for alias, canonical in aliases.items():
         mod_name, _, attr = alias.rpartition(".")
         owner = model.get_submodule(mod_name) if mod_name else model
-        setattr(owner, attr, model.get_parameter(canonical))
-        quant_method = getattr(owner, "quant_method", None)
-        if quant_method is not None and hasattr(quant_method, "process_weights_after_loading"):
-            quant_method.process_weights_after_loading(owner)
+        param = model.get_parameter(canonical)
+        if getattr(owner, attr) is not param:
+            setattr(owner, attr, param)
+            changed[id(owner)] = owner
+    return changed
+
+
+def _loads_in_place(layer: Any) -> bool:
+    """True when every parameter of `layer` is live in checkpoint format, so its loaders can copy in place.
+
+    Those are layers without a weight-processing method (norms) or with vLLM's unquantized embedding method
+    (embeddings, LM head: on CPU the latter also keeps a packed GEMM copy, rebuilt by `_refresh_cpu_gemm`).
+    Layers vLLM re-formats at load time (CPU linear layers free their weights after packing) return False.
+    """
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    params = {n: p for n, p in layer._parameters.items() if p is not None}
+    if not params or is_deferred_attention_layer(layer):
+        return False
+    quant_method = getattr(layer, "quant_method", None)
+    if quant_method is not None and type(quant_method) is not UnquantizedEmbeddingMethod:
+        return False
+    meta_params, _ = get_layerwise_info(layer).restore_metadata
+    if set(meta_params) != set(params):
+        return False
+    return all(p.shape == meta_params[n].shape and p.dtype == meta_params[n].dtype and not p.is_meta
+               for n, p in params.items())
+
+
+def _refresh_cpu_gemm(layer: Any) -> None:
+    """Rebuild a layer's CPU GEMM weight pack from its live weight (only the LM head runs a GEMM).
+
+    vLLM-CPU packs every `VocabParallelEmbedding`, but only `ParallelLMHead` multiplies with it; the input
+    embedding's pack is dropped for a plain `F.linear` on the live weight (correct, never stale, no memory).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    if not hasattr(layer, "cpu_linear"):
+        return
+    if isinstance(layer, VocabParallelEmbedding) and not isinstance(layer, ParallelLMHead):
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, weight, bias)
+        return
+    quant_method = getattr(layer, "quant_method", None)
+    if quant_method is not None and hasattr(quant_method, "process_weights_after_loading"):
+        quant_method.process_weights_after_loading(layer)
+
+
+def _slot_buffer(worker: Any, path: str, slot: int) -> torch.Tensor:
+    """[capacity] uint8 view of a trainer slot file, mapped once and kept until the trainer replaces it."""
+    import mmap
+
+    maps = worker.__dict__.setdefault("_aapo_slot_maps", {})
+    cached = maps.get(slot)
+    if cached is not None and cached[0] == path:
+        return cached[2]
+    if cached is not None:
+        maps.pop(slot)
+        _unmap(cached)
+    with open(path, "r+b") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    buf = torch.frombuffer(mm, dtype=torch.uint8)
+    maps[slot] = (path, mm, buf)
+    return buf
+
+
+def _unmap(cached: tuple) -> None:
+    _, mm, buf = cached
+    del buf
+    try:
+        mm.close()
+    except BufferError:  # a view is still referenced somewhere; the mapping goes with it
+        pass
+
+
+def _own_buffered_tensors(model: Any, buf: torch.Tensor) -> None:
+    """Replace tensors that layerwise-pending layers buffered from `buf` by private copies."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    start = buf.data_ptr()
+    end = start + buf.numel()
+    for info in list(LAYERWISE_INFO.values()):
+        for _, bound in info.loaded_weights:
+            for key, value in bound.arguments.items():
+                if (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+                        and start <= value.data_ptr() < end):
+                    bound.arguments[key] = value.clone()

@@ -277,12 +277,8 @@ class ShmSlots:
         self._slots[slot] = None
         if cur is None:
             return
-        path, _, mm, buf = cur
-        del buf, cur
-        try:
-            mm.close()
-        except BufferError:  # a view is still alive; the mapping is freed with it
-            pass
+        path = cur[0]
+        del cur  # no mmap.close(): a tensor viewing the map keeps it alive, and closing would leave it dangling
         try:
             os.remove(path)
         except FileNotFoundError:

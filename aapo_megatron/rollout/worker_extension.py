@@ -214,23 +214,14 @@ def _slot_buffer(worker: Any, path: str, slot: int) -> torch.Tensor:
     cached = maps.get(slot)
     if cached is not None and cached[0] == path:
         return cached[2]
-    if cached is not None:
+    if cached is not None:  # never mmap.close(): tensors viewing it keep the mapping alive until they die
         maps.pop(slot)
-        _unmap(cached)
+        del cached
     with open(path, "r+b") as fh:
         mm = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     buf = torch.frombuffer(mm, dtype=torch.uint8)
     maps[slot] = (path, mm, buf)
     return buf
-
-
-def _unmap(cached: tuple) -> None:
-    _, mm, buf = cached
-    del buf
-    try:
-        mm.close()
-    except BufferError:  # a view is still referenced somewhere; the mapping goes with it
-        pass
 
 
 def _own_buffered_tensors(model: Any, buf: torch.Tensor) -> None:

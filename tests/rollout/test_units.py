@@ -16,6 +16,7 @@ from aapo_megatron.rollout.mismatch import logprob_mismatch, pad_logprobs
 from aapo_megatron.rollout.reference_cache import ReferenceCache
 from aapo_megatron.rollout.weight_sync import (
     FileSink,
+    ShmSlots,
     StageRunner,
     WeightSyncError,
     WeightSyncTimeout,
@@ -129,6 +130,65 @@ def test_stream_via_files_hung_receiver_times_out_without_abort(tmp_path):
     assert calls == []  # the receiver is hung: do not queue more work behind it
     release.set()
     assert os.listdir(tmp_path) == []
+
+
+def _read_slot(path: str, entries: list) -> dict[str, torch.Tensor]:
+    """What the engine sees: the slot file read through its own handle, entries [name, dtype, shape, offset]."""
+    with open(path, "rb") as fh:
+        raw = bytearray(fh.read())
+    buf = torch.frombuffer(raw, dtype=torch.uint8)
+    out = {}
+    for name, dtype, shape, offset in entries:
+        dt = getattr(torch, dtype)
+        n = int(torch.tensor(shape, dtype=torch.int64).prod()) * dt.itemsize
+        out[name] = buf[offset:offset + n].view(dt).view(shape).clone()
+    return out
+
+
+def test_shm_slots_roundtrip_reuse_growth_and_cleanup(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    named = _tensors() + [
+        ("bf16", torch.randn(7, 3, generator=g).to(torch.bfloat16)),
+        ("transposed", torch.randn(5, 4, generator=g).t()),       # non-contiguous source
+        ("ids", torch.arange(11, dtype=torch.int64)),
+        ("scalar", torch.tensor(3.5)),
+    ]
+    slots = ShmSlots(str(tmp_path))
+    seen: list[tuple[str, int]] = []
+    received: dict[str, torch.Tensor] = {}
+
+    def load(payload):
+        path, slot, entries = payload
+        seen.append((path, slot))
+        received.update(_read_slot(path, entries))
+
+    sink = FileSink(begin=lambda: None, load=load, finish=lambda: None, abort=lambda: None, write=slots.write)
+    stats = stream_via_files(sink, iter(named), bucket_bytes=1600, timeout_s=30)
+    assert stats.num_buckets >= 3 and stats.num_tensors == len(named)
+    assert [s for _, s in seen] == [k % 2 for k in range(stats.num_buckets)]  # double buffer
+    assert set(received) == {n for n, _ in named}
+    for n, t in named:
+        assert received[n].dtype == t.dtype and torch.equal(received[n], t), n
+    files = sorted(os.listdir(slots.dir))
+    assert len(files) == 2
+
+    # a second sync reuses both files (no new tmpfs allocation), with the new values
+    first_paths = {p for p, _ in seen}
+    seen.clear()
+    stream_via_files(sink, iter([(n, t + 1) for n, t in named[:6]]), bucket_bytes=1600, timeout_s=30)
+    assert {p for p, _ in seen} <= first_paths and sorted(os.listdir(slots.dir)) == files
+    assert torch.equal(received["w3"], named[3][1] + 1)
+
+    # a bucket larger than the slot grows it under a new name (the engine remaps) and drops the old file
+    big = torch.randn(5000, generator=g)
+    path, slot, entries = slots.write([("big", big)], 0)
+    assert slot == 0 and os.path.basename(path) not in files
+    assert torch.equal(_read_slot(path, entries)["big"], big)
+    assert len(os.listdir(slots.dir)) == 2
+
+    slots.close()
+    assert not os.path.exists(slots.dir)
+    slots.close()  # idempotent
 
 
 def test_sampling_spec_validation_and_roundtrip():

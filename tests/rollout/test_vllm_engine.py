@@ -3,6 +3,7 @@ log-prob mismatch, failure handling of the sync, cached reference rollouts."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -50,6 +51,21 @@ def test_sync_from_hf_state_dict_matches_hf_greedy(policy_engine, reference_engi
     assert greedy_ids(reference_engine) == ref_before == hf_greedy(models["a"], PROMPTS, 24)
     with pytest.raises(RolloutError, match="reference engine is frozen"):
         reference_engine.update_weights(hf_named_tensors(models["b"]))
+
+
+def test_sync_with_layers_spread_over_buckets_matches_hf(policy_engine, model_dirs):
+    """A layer's tensors arrive several buckets apart, so the shm slot they came from is overwritten before
+    the layer is complete: the engine must keep its own copies of what it buffered."""
+    _, models = model_dirs
+    named = list(hf_named_tensors(models["b"]))
+    spread = named[0::3] + named[1::3] + named[2::3]  # q/k/v and gate/up of one layer end up far apart
+    policy_engine.update_weights(iter(spread))
+    assert policy_engine.last_sync.num_buckets >= 5
+    assert greedy_ids(policy_engine) == hf_greedy(models["b"], PROMPTS, 24)
+    slot_files = sorted(os.listdir(policy_engine._slots.dir))
+    policy_engine.update_weights(hf_named_tensors(models["a"]))
+    assert sorted(os.listdir(policy_engine._slots.dir)) == slot_files, "slot files are reused across syncs"
+    assert greedy_ids(policy_engine) == hf_greedy(models["a"], PROMPTS, 24)
 
 
 def test_logprob_mismatch_near_zero_fp32(policy_engine, model_dirs):

@@ -207,6 +207,7 @@ def print_tables(summary: dict[str, Any], stream=sys.stdout) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """aapo-eval entry point; returns the exit code."""
     from aapo_megatron.config import ConfigError, describe
+    from aapo_megatron.convert.errors import ConversionError
     from aapo_megatron.eval.benchmarks import EvalInputError
 
     args = build_parser().parse_args(argv)
@@ -218,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = config_from_args(args)
         summary = run_eval(cfg)
-    except (ConfigError, EvalInputError) as exc:
+    except (ConfigError, EvalInputError, ConversionError) as exc:  # a bad checkpoint is bad input too
         print(f"aapo-eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

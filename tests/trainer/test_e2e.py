@@ -88,6 +88,7 @@ def test_aapo_tp2_end_to_end(tmp_path):
     assert max((final[k] - start[k]).abs().max().item() for k in start) > 0, "RL did not change the weights"
     assert CheckpointManager(os.path.join(run_dir, "checkpoints")).latest().step == 3
     assert os.path.isfile(os.path.join(run_dir, "curves.png"))
+    _eval_before_and_after_rl(run_dir, str(tmp_path / "eval"))
 
 
 def _wait_for(predicate, proc, timeout):
@@ -181,3 +182,38 @@ def test_dead_rollout_engine_is_restarted_once(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert records[-1]["rollout/engine_restarts"] == 1
     assert all(r["mismatch/mean"] < 1e-4 for r in records)  # the restarted engine got the current weights
+
+
+def _eval_before_and_after_rl(run_dir, out_root):
+    """aapo-eval on the run's held-out split: the starting weights (hf_init, an HF dir) and the RL result (the run
+    dir: its latest Megatron checkpoint, TP=2, converted on the fly); both accuracies are reported."""
+    from aapo_megatron.config import load_config
+    from aapo_megatron.data.reasoning_gym_source import reasoning_gym_splits
+
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    _, held_out = reasoning_gym_splits(cfg.data)
+    data = os.path.join(out_root, "held_out.jsonl")
+    os.makedirs(out_root, exist_ok=True)
+    with open(data, "w") as fh:
+        for row in held_out:
+            fh.write(json.dumps({"question": row["question"], "answer": row["answer"]}) + "\n")
+    accuracy, fingerprints = {}, {}
+    for label, model, kind in (("before", os.path.join(run_dir, "hf_init"), "hf"), ("after", run_dir, "megatron")):
+        out = os.path.join(out_root, label)
+        cmd = [os.path.join(BIN, "aapo-eval"), "--model", model, "--data", f"held_out={data}", "--out", out,
+               "--chat-template", "plain", "--answer-tag", "answer", "--max-new-tokens", "6", "--no-progress",
+               "--set", "model.kv_cache_mb=64", "--set", "reward.num_workers=1"]
+        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        with open(os.path.join(out, "summary.json")) as fh:
+            summary = json.load(fh)
+        assert summary["model"]["kind"] == kind
+        metrics = summary["benchmarks"]["held_out"]["metrics"]
+        assert metrics["items"] == len(held_out) == 8 and metrics["samples_per_item"] == 1
+        responses = [json.loads(line) for line in open(os.path.join(out, "responses.jsonl"))]
+        assert metrics["pass@1"] == sum(r["correct"] for r in responses) / len(responses)
+        assert "pass@1" in proc.stdout
+        accuracy[label], fingerprints[label] = metrics["pass@1"], summary["model"]["fingerprint"]
+    assert summary["model"]["name"].endswith("step_00000003")
+    assert fingerprints["before"] != fingerprints["after"]
+    print(f"held-out accuracy: before RL {accuracy['before']:.3f}, after RL {accuracy['after']:.3f}")

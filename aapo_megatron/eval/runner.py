@@ -93,8 +93,7 @@ def pending_positions(bench: Any, store: Any, n: int) -> list[int]:
 
 
 def run_benchmark(engine: Any, tokenizer: Any, reward_pool: Any, bench: Any, store: Any, spec: SamplingSpec,
-                  seed: int, batch_size: int, progress: bool = False,
-                  on_batch: Optional[Callable[[int], None]] = None) -> int:
+                  seed: int, batch_size: int, progress: bool = False) -> int:
     """Generate and score the benchmark's unfinished items, appending each batch to the store; returns items generated.
 
     Item at position p is always sampled with seed benchmark_seed(seed, name) + p, whatever the batching, so a
@@ -121,8 +120,6 @@ def run_benchmark(engine: Any, tokenizer: Any, reward_pool: Any, bench: Any, sto
             store.append(records)
             generated += len(run)
             bar.update(len(run))
-            if on_batch is not None:
-                on_batch(generated)
     finally:
         bar.close()
     return generated

@@ -154,6 +154,7 @@ def test_summary_skips_warmup_and_forms_ratios(bench):
     summ = bench.summarize(runs, warmup=1)
     assert summ["ours-aapo"]["step_s"] == 2.5 and summ["trl"]["step_s"] == 7.0
     assert (summ["ours-aapo"]["step_s_run_min"], summ["ours-aapo"]["step_s_run_max"]) == (1.5, 3.5)
+    assert summ["ours-aapo"]["step_s_best"] == 1.0 and summ["trl"]["step_s_best"] == 4.0  # warm-up 50.0 skipped
     assert summ["ours-aapo"]["tokens_per_s"] == statistics.median([100 / t for t in (1.0, 2.0, 3.0, 4.0)])
     assert summ["ours-aapo"]["time/train"] == 1.25 and summ["trl"]["wall_s"] == 15.0
     rat = bench.ratios(summ)
@@ -163,5 +164,6 @@ def test_summary_skips_warmup_and_forms_ratios(bench):
             "ours_versions": {"torch": "1", "megatron-core": "2", "vllm": "3"},
             "trl_versions": {"trl": "4", "transformers": "5", "torch": "1"}}
     text = bench.format_report(summ, rat, info)
-    assert "ours-aapo / TRL: step time 0.36x (TRL takes 2.80x as long)" in text
+    assert rat["ours-aapo"]["best_step_time_ours_over_trl"] == 0.25
+    assert "ours-aapo / TRL: step time 0.36x (TRL takes 2.80x as long; best step 0.25x)" in text
     assert "target step time <= 0.5x: met" in text

@@ -57,9 +57,13 @@ def test_sync_with_layers_spread_over_buckets_matches_hf(policy_engine, model_di
     """A layer's tensors arrive several buckets apart, so the shm slot they came from is overwritten before
     the layer is complete: the engine must keep its own copies of what it buffered."""
     _, models = model_dirs
-    named = list(hf_named_tensors(models["b"]))
-    spread = named[0::3] + named[1::3] + named[2::3]  # q/k/v and gate/up of one layer end up far apart
-    policy_engine.update_weights(iter(spread))
+
+    def spread(model):  # q/k/v and gate/up of one layer end up far apart
+        named = list(hf_named_tensors(model))
+        return iter(named[0::3] + named[1::3] + named[2::3])
+
+    policy_engine.update_weights(spread(models["a"]))  # sizes the slots for this order (no regrowth below)
+    policy_engine.update_weights(spread(models["b"]))
     assert policy_engine.last_sync.num_buckets >= 5
     assert greedy_ids(policy_engine) == hf_greedy(models["b"], PROMPTS, 24)
     slot_files = sorted(os.listdir(policy_engine._slots.dir))

@@ -147,13 +147,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         if b.skipped:
             log.warning("%s: %s", b.spec.name, b.skipped_detail)
     generated = {b.spec.name: 0 for b in benchmarks}
+    progress = cfg.output.progress_bar and sys.stderr.isatty()  # no bar redraws in log files
     if any(todo.values()):
         from aapo_megatron.rewards.pool import RewardPool
         from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
         max_len = cfg.model.max_model_len
         kv_bytes = None if cfg.model.kv_cache_mb is None else cfg.model.kv_cache_mb << 20
-        with source.hf_dir(progress=cfg.output.progress_bar) as hf_dir:
+        with source.hf_dir(progress=progress) as hf_dir:
             log.info("starting vLLM on %s (%s)", hf_dir, source.kind)
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             engine = VLLMRolloutEngine(hf_dir, role="reference", dtype=cfg.model.dtype,
@@ -167,7 +168,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                     if todo[b.spec.name]:
                         generated[b.spec.name] = run_benchmark(engine, tokenizer, pool, b, store, spec,
                                                                 cfg.sampling.seed, cfg.output.batch_size,
-                                                                progress=cfg.output.progress_bar)
+                                                                progress=progress)
                         log.info("%s: %d items generated", b.spec.name, generated[b.spec.name])
             finally:
                 if pool is not None:

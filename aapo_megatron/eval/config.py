@@ -90,7 +90,7 @@ class EvalOutputConfig:
     batch_size: int = 64
     """Items per generate call; each finished batch is appended to responses.jsonl (the unit of resume)."""
     progress_bar: bool = True
-    """tqdm progress bar on stderr."""
+    """tqdm progress bar per benchmark on stderr (when stderr is a terminal)."""
 
 
 @dataclass

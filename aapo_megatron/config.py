@@ -384,6 +384,15 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Build a Config from an optional YAML file plus `a.b=value` overrides, then validate ranges."""
+    cfg = from_dict(Config, load_raw_config(path, overrides))
+    validate(cfg)
+    return cfg
+
+
+def load_raw_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                    values: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The nested dict of an optional YAML file, then `a.b=value` overrides (values parsed as YAML), then
+    `values` ({dotted key: value}, taken as is). Shared by every config class; `from_dict` types it."""
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -401,9 +410,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    cfg = from_dict(Config, raw)
-    validate(cfg)
-    return cfg
+    for key, value in (values or {}).items():
+        _set_dotted(raw, key, value)
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, Any]:

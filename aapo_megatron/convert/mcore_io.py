@@ -187,6 +187,8 @@ def save_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str, release_weights
 def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
     """Fill this rank's `model` (any TP/PP) from a dist_checkpointing directory; collective over all ranks.
 
+    The directory may be an aapo-convert output or a trainer checkpoint's model/ (its optimizer state is ignored).
+
     Tensors are read in place into the parameters. For linear_fc1 the gate and up halves are read straight
     into views of the parameter, instead of Megatron's default of loading both and concatenating a copy.
     """
@@ -198,12 +200,14 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
         raise ConversionError(f"{ckpt_dir} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
     model = unwrap_model(model)
     sharded_sd = model.sharded_state_dict()
+    model_keys = set(sharded_sd)
     padded = _reroute_vocab_rows(sharded_sd, checkpoint_tensors(ckpt_dir))
     fused = {}
     for key in _swiglu_factories(sharded_sd):
         fused[key] = sharded_sd[key].data  # the parameter's tensor
         sharded_sd[key] = sharded_sd[key].build()  # two ShardedTensors viewing its halves: loaded in place
-    state = dist_checkpointing.load(sharded_sd, ckpt_dir)
+    # A trainer checkpoint's common.pt also holds non-model state (the optimizer's), which load() returns too.
+    state = {k: v for k, v in dist_checkpointing.load(sharded_sd, ckpt_dir).items() if k in model_keys}
     for key, tensor in fused.items():
         halves = state[key]
         if not all(h.data_ptr() == v.data_ptr() for h, v in zip(halves, tensor.chunk(2, dim=0))):

@@ -7,13 +7,10 @@ The same `--set key=value` overrides and key-naming errors as `aapo-train` (`con
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-import yaml
-
-from aapo_megatron.config import ConfigError, RewardConfig, _set_dotted, from_dict, parse_override
+from aapo_megatron.config import ConfigError, RewardConfig, from_dict, load_raw_config
 
 
 @dataclass
@@ -151,21 +148,4 @@ def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] 
                      values: Optional[dict[str, Any]] = None) -> EvalConfig:
     """EvalConfig from an optional YAML file, dotted `key=value` overrides (YAML values), then `values`
     ({dotted key: value}, taken as is: command-line flags), validated."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            try:
-                loaded = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    for key, value in (values or {}).items():
-        _set_dotted(raw, key, value)
-    return validate_eval_config(from_dict(EvalConfig, raw))
+    return validate_eval_config(from_dict(EvalConfig, load_raw_config(path, overrides, values)))

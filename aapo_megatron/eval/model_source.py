@@ -56,34 +56,10 @@ class ModelSource:
         tmp_root = tempfile.mkdtemp(prefix="aapo-eval-hf-")
         try:
             out = os.path.join(tmp_root, "hf")
-            ckpt = model_only_view(self.path, os.path.join(tmp_root, "ckpt"))
-            convert_mcore_to_hf(ckpt, out, hf_config=self.hf_config, progress=progress)
+            convert_mcore_to_hf(self.path, out, hf_config=self.hf_config, progress=progress)
             yield out
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
-
-
-def model_only_view(ckpt: str, view_dir: str) -> str:
-    """`ckpt` itself, or (for a trainer checkpoint that also holds optimizer state) a view of its model part.
-
-    A trainer checkpoint's common.pt carries the optimizer's non-tensor state, which the converter's
-    model loader would receive as an unexpected "optimizer" key. The view symlinks the tensor files and
-    metadata and holds a common.pt without it; nothing in `ckpt` is modified.
-    """
-    import torch
-
-    common = os.path.join(ckpt, "common.pt")
-    if not os.path.isfile(common):
-        return ckpt
-    state = torch.load(common, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "optimizer" not in state:
-        return ckpt
-    os.makedirs(view_dir)
-    for name in os.listdir(ckpt):
-        if name != "common.pt":
-            os.symlink(os.path.abspath(os.path.join(ckpt, name)), os.path.join(view_dir, name))
-    torch.save({k: v for k, v in state.items() if k != "optimizer"}, os.path.join(view_dir, "common.pt"))
-    return view_dir
 
 
 def _has_tokenizer(path: str) -> bool:

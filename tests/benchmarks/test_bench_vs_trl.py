@@ -165,5 +165,5 @@ def test_summary_skips_warmup_and_forms_ratios(bench):
             "trl_versions": {"trl": "4", "transformers": "5", "torch": "1"}}
     text = bench.format_report(summ, rat, info)
     assert rat["ours-aapo"]["best_step_time_ours_over_trl"] == 0.25
-    assert "ours-aapo / TRL: step time median 0.36x, best 0.25x; tokens/s 2.80x" in text
+    assert "ours-aapo / TRL: step time median 0.36x, best 0.25x; tokens/s 2.86x" in text
     assert "target median step time <= 0.5x: met" in text

@@ -10,7 +10,7 @@ DEPS_STAMP  := $(VENV)/.stamp-deps
 PKG_STAMP   := $(VENV)/.stamp-pkg
 PYTEST_ARGS ?=
 
-.PHONY: venv deps build test test-fast demo bench cuda-check clean
+.PHONY: venv deps build test test-fast demo bench bench-trl sample-efficiency cuda-check clean
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -46,6 +46,15 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/run_all.py
+
+# Not part of `make bench` or CI: TRL lives in its own .venv-trl, and a run takes 10-25 min.
+bench-trl: build
+	bash benchmarks/setup_trl_env.sh
+	$(PY) benchmarks/bench_vs_trl.py $(ARGS)
+
+# AAPO vs GRPO vs Dr. GRPO, 3 seeds each from one SFT warm start (~40 min on 2 cores).
+sample-efficiency: build
+	$(PY) benchmarks/sample_efficiency.py $(ARGS)
 
 cuda-check:
 	bash .ci/cuda_check.sh

@@ -51,6 +51,28 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def _wake_on_engine_death(llm: Any, stop: threading.Event, poll_s: float = 0.2) -> None:
+    """Until `stop` is set, watch the engine-core process of `llm`; if it dies, wake the waiting generate call.
+
+    vLLM's synchronous client waits on its output queue without a timeout. When the engine-core process is
+    killed mid-request (OOM killer, SIGKILL), vLLM's liveness monitor marks the client dead and stops the output
+    thread without queueing an error, so `LLM.generate` would wait forever. Queueing EngineDeadError makes it
+    raise instead, and the trainer's restart path takes over. In-process engines (no separate core) have
+    nothing to watch.
+    """
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    resources = getattr(client, "resources", None)
+    outputs = getattr(client, "outputs_queue", None)
+    if resources is None or outputs is None:
+        return
+    while not stop.wait(poll_s):
+        if getattr(resources, "engine_dead", False):
+            from vllm.v1.engine.exceptions import EngineDeadError
+
+            outputs.put_nowait(EngineDeadError())
+            return
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """vLLM `LLM` wrapper: token-id generation, weight versioning, bucketed weight sync (policy only)."""
 
@@ -152,7 +174,15 @@ class VLLMRolloutEngine(RolloutEngine):
                 raise RolloutError(self._broken)
             version = self._version
             t0 = time.perf_counter()
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            stop = threading.Event()
+            watchdog = threading.Thread(target=_wake_on_engine_death, args=(self.llm, stop),
+                                        name="aapo-engine-watchdog", daemon=True)
+            watchdog.start()
+            try:
+                outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                            use_tqdm=False)
+            finally:
+                stop.set()
             seconds = time.perf_counter() - t0
         completions = []
         for out in outputs:

@@ -70,6 +70,8 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0
+    """Byte offset of the tensor's data in the file (8 + header length + begin)."""
 
 
 def parse_size(text: str | int) -> int:
@@ -134,7 +136,7 @@ def read_shard_header(path: str) -> dict[str, TensorInfo]:
                 f"corrupt safetensors shard {path}: tensor '{name}' ends at byte {end} but the file holds only "
                 f"{data_size} data bytes (truncated)"
             )
-        out[name] = TensorInfo(name, os.path.abspath(path), dtype, shape, end - begin)
+        out[name] = TensorInfo(name, os.path.abspath(path), dtype, shape, end - begin, 8 + header_len + begin)
     return out
 
 
@@ -243,6 +245,18 @@ class HFCheckpointReader:
                 out.update(_read_from_shard(path, by_file[path]))
         return out
 
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read with plain file I/O into a fresh CPU tensor (no mmap: RSS grows by its size only)."""
+        info = self.info(name)
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            got = f.readinto(_byte_view(tensor))
+        if got != info.nbytes:
+            raise CorruptShardError(f"corrupt safetensors shard {info.file}: tensor '{name}' is truncated "
+                                    f"(read {got} of {info.nbytes} bytes)")
+        return tensor
+
     def iter_shards(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """Yield (shard path, all its tensors), one shard in memory at a time."""
         by_file: dict[str, list[str]] = defaultdict(list)
@@ -250,6 +264,13 @@ class HFCheckpointReader:
             by_file[info.file].append(name)
         for path in self.files:
             yield path, _read_from_shard(path, by_file[path])
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """Writable memoryview over a contiguous tensor's bytes (no copy; any dtype, including bfloat16)."""
+    if tensor.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def _read_from_shard(path: str, names: list[str]) -> dict[str, torch.Tensor]:
@@ -360,3 +381,98 @@ def write_config(out_dir: str, config: dict) -> None:
     with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# safetensors dtype tag of each torch dtype (the inverse of _DTYPES)
+_TAGS: dict[torch.dtype, str] = {dtype: tag for tag, (dtype, _) in _DTYPES.items()}
+
+TensorLayout = tuple[str, torch.dtype, tuple[int, ...]]
+"""(name, dtype, shape) of one tensor to be written."""
+
+
+def plan_shards(layout: Sequence[TensorLayout], max_shard_bytes: int) -> list[list[TensorLayout]]:
+    """Split tensors (in order) into shards: a new shard starts when the next tensor would push it past the cap."""
+    shards: list[list[TensorLayout]] = []
+    size = 0
+    for entry in layout:
+        _, dtype, shape = entry
+        nbytes = _numel(shape) * dtype.itemsize
+        if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class SafetensorsStreamWriter:
+    """Write tensors straight into size-capped safetensors shards, in an order declared up front; nothing is buffered.
+
+    Because every name, dtype and shape is known before the first byte, each shard's header is written when its
+    first tensor arrives and each tensor's bytes go from its own memory to the file. Memory: the tensor being
+    written, not the shard. Shards follow `plan_shards` (the same split as `SafetensorsShardWriter`).
+    """
+
+    def __init__(self, out_dir: str, max_shard_bytes: int, layout: Sequence[TensorLayout], tag: str = "0"):
+        self.out_dir = out_dir
+        self.tag = tag
+        self.parts: list[ShardPart] = []
+        self._shards = plan_shards(layout, max_shard_bytes)
+        self._order = [entry for shard in self._shards for entry in shard]
+        self._next = 0  # index into _order of the next tensor expected
+        self._file = None
+        self._shard = -1
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must be the one the layout names next, with that dtype and shape."""
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor '{name}' is not in the layout (all {len(self._order)} tensors were written)")
+        want_name, want_dtype, want_shape = self._order[self._next]
+        if name != want_name:
+            raise ValueError(f"tensor '{name}' written out of order: the layout expects '{want_name}' next")
+        if tensor.dtype != want_dtype or tuple(tensor.shape) != tuple(want_shape):
+            raise ValueError(f"tensor '{name}' is {tensor.dtype} {list(tensor.shape)}, the layout declares "
+                             f"{want_dtype} {list(want_shape)}")
+        if self._file is None:
+            self._open_next_shard()
+        self._file.write(_byte_view(tensor.contiguous()))
+        self._next += 1
+        self._left -= 1
+        if self._left == 0:
+            self._file.close()
+            self._file = None
+
+    def _open_next_shard(self) -> None:
+        self._shard += 1
+        entries = self._shards[self._shard]
+        header: dict = {"__metadata__": {"format": "pt"}}
+        begin = 0
+        for name, dtype, shape in entries:
+            end = begin + _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": _TAGS[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+            begin = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        fname = f"part-{self.tag}-{self._shard:05d}.safetensors"
+        self._file = open(os.path.join(self.out_dir, fname), "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self.parts.append(ShardPart(fname, [e[0] for e in entries], begin))
+        self._left = len(entries)
+
+    def close(self) -> list[ShardPart]:
+        """The parts written, in order; ValueError naming the first missing tensor if the layout is not complete."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._next < len(self._order):
+            raise ValueError(f"tensor '{self._order[self._next][0]}' was never written "
+                             f"({len(self._order) - self._next} of {len(self._order)} missing)")
+        return self.parts

@@ -1,14 +1,16 @@
 """HF safetensors -> Megatron dist_checkpointing, streamed, with bounded memory.
 
 The conversion runs as W gloo worker processes laid out as a TP=1, PP=W Megatron
-job: worker r builds only pipeline stage r of the GPTModel (layers
-[r*L/W, (r+1)*L/W), plus the embedding on the first and the output layer on the
-last stage), fills it tensor by tensor from the HF shards through
-`convert.mapping`, and all workers save together with
-`dist_checkpointing.save(model.sharded_state_dict(), dir)`. Megatron's sharded
-state dict stores every tensor with its global shape (layers stacked by global
-index), so the result loads at any TP/PP. Per-worker memory: its stage
-(~ model size / W) plus one HF group of tensors (e.g. q, k, v of one layer).
+job: worker r builds pipeline stage r of the GPTModel (layers [r*L/W, (r+1)*L/W),
+plus the embedding on the first and the output layer on the last stage) without
+writing its parameters, and all workers save together with Megatron's
+`dist_checkpointing.save(model.sharded_state_dict(), dir)` through
+`convert.lazy_save`: each tensor is built from the HF shards (`convert.mapping`)
+only when the checkpoint writer asks for it, written and dropped. Megatron's
+sharded state dict stores every tensor with its global shape (layers stacked by
+global index), so the result loads at any TP/PP. Per-worker memory: the process
+itself plus about one HF group of tensors (e.g. q, k, v of one layer and their
+interleaved copy); the stage is never held whole.
 
     convert_hf_to_mcore("/ckpt/Qwen2.5-7B", "/ckpt/qwen-mcore", dtype="bfloat16", workers=4)
 """
@@ -23,7 +25,7 @@ from typing import Optional
 from aapo_megatron.convert.errors import ConversionError
 from aapo_megatron.convert.hf_io import HFCheckpointReader
 from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.mcore_io import save_mcore_checkpoint, write_checkpoint_metadata
+from aapo_megatron.convert.mcore_io import write_checkpoint_metadata
 from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
@@ -42,6 +44,8 @@ class ConversionResult:
     num_tensors: int
     bytes_written: int
     seconds: float
+    peak_live_bytes: int = 0
+    """The most bytes of converted tensors one worker held at once (tensors produced for writing, still alive)."""
 
 
 def resolve_dtype_name(dtype: Optional[str], spec: ArchSpec) -> str:
@@ -83,42 +87,73 @@ def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[s
 
 
 def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype: str, progress: bool) -> dict:
-    """Worker `rank` of `world`: build pipeline stage `rank`, fill it from the HF shards, save collectively."""
-    import torch
+    """Worker `rank` of `world`: pipeline stage `rank`, saved collectively with each tensor built when it is written."""
+    from aapo_megatron.convert.memory import import_megatron_without_compile
+
+    import_megatron_without_compile()  # before anything else imports Megatron: ~70 MiB less per worker
     from tqdm import tqdm
 
     from aapo_megatron.config import ParallelConfig
+    from aapo_megatron.convert.lazy_save import save_mcore_checkpoint_lazy
     from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.gpt import build_gpt_model, transformer_config
     from aapo_megatron.models.parallel import init_distributed, seed_everything
-    from aapo_megatron.models.weights import load_hf_weights, model_naming, stage_hf_names
+    from aapo_megatron.models.weights import model_naming, stage_hf_names
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=world,
                                     backend="gloo", timeout_minutes=120.0))
     seed_everything(0)
     reader = HFCheckpointReader(hf_dir)  # headers only
     spec = ArchSpec.from_hf_config(reader.config)
-    # No random init: every parameter is overwritten from the checkpoint.
+    # No init: the parameters are allocated but never written (untouched pages cost no RSS); the model only
+    # provides Megatron's sharded_state_dict. The data comes from `produce` as the checkpoint writer asks for it.
     config = transformer_config(spec, 1, world, dtype, perform_initialization=False)
     model = build_gpt_model(spec, dtype=dtype, config=config)
     mapping = WeightMapping(spec, naming=model_naming(model))
     names = stage_hf_names(mapping, rank, world)
     bar = tqdm(total=len(names), desc=f"hf-to-mcore stage {rank}/{world}", unit="tensor",
                disable=not progress or rank != 0, leave=False)
-
-    def fetch(name: str) -> torch.Tensor:
-        tensor = reader.load([name])[name]  # opens the shard, copies this one tensor, closes it
-        bar.update(1)
-        return tensor
-
-    load_hf_weights(model, mapping, fetch, tp_rank=0, tp_size=1, pp_rank=rank, pp_size=world)
+    produce = _stage_producer(mapping, reader, rank, world, bar)
+    tracker = save_mcore_checkpoint_lazy(model, out_dir, produce)
     bar.close()
     # the last stage's copy of a tied embedding is not saved (Megatron marks it a replica)
     params = [p for n, p in model.named_parameters() if not (spec.tie_word_embeddings and n == "output_layer.weight")]
-    stats = {"num_params": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params),
-             "hf_tensors": len(names)}
-    save_mcore_checkpoint(model, out_dir, release_weights=True)
-    return stats
+    return {"num_params": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params),
+            "hf_tensors": len(names), "peak_live_bytes": tracker.peak, "produced": tracker.count}
+
+
+def _stage_producer(mapping, reader: HFCheckpointReader, pp_rank: int, pp_size: int, bar=None):
+    """produce(local name, first row, end row) -> those rows of stage `pp_rank`'s parameter (TP=1), from the HF files.
+
+    Each call reads only the HF tensors it needs (plain file reads, no mmap). linear_fc1 is saved as its
+    [gate; up] halves: each half is the HF gate_proj / up_proj tensor itself, not a slice of a concatenation.
+    """
+    import dataclasses
+
+    from aapo_megatron.convert.mapping import EMBEDDING, OUTPUT_LAYER
+
+    spec = mapping.spec
+
+    def fetch(name):
+        if bar is not None:
+            bar.update(1)
+        return reader.read(name)
+
+    def produce(local: str, first: int, end: int):
+        if local == OUTPUT_LAYER and spec.tie_word_embeddings:
+            name = EMBEDDING  # the last stage's copy of a tied embedding
+        else:
+            name = mapping.global_name(local, pp_rank, pp_size)
+        group = mapping.group(name)
+        if group.converter == "fc1":
+            f = spec.ffn_hidden_size
+            if (first, end) in ((0, f), (f, 2 * f)):
+                half = group.hf_names[0 if first == 0 else 1]
+                return mapping.to_megatron(dataclasses.replace(group, hf_names=(half,), converter="copy"), fetch)
+        full = mapping.shard(name, mapping.to_megatron(group, fetch), 0, 1)  # TP=1: vocab rows padded as Megatron's
+        return full if (first, end) == (0, full.shape[0]) else full[first:end]
+
+    return produce
 
 
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, workers: Optional[int] = None,
@@ -145,6 +180,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         num_tensors=sum(r["hf_tensors"] for r in results),
         bytes_written=sum(r["bytes"] for r in results),
         seconds=time.perf_counter() - t0,
+        peak_live_bytes=max(r["peak_live_bytes"] for r in results),
     )
 
 

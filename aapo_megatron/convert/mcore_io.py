@@ -16,6 +16,7 @@ directory loads at any TP/PP:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Optional
@@ -245,3 +246,81 @@ def _reroute_vocab_rows(sharded_sd: dict, stored: dict) -> dict:
         sharded_sd[key] = ShardedTensor.from_rank_offsets(sh.key, full, replica_id=replica_id)
         out[key] = (sh.data, sh.global_offset[0], full)
     return out
+
+
+class CheckpointTensorReader:
+    """Regions of a torch_dist checkpoint's tensors, read straight from its .distcp files (no Megatron, no ranks).
+
+    Each stored chunk overlapping the region is loaded on its own (torch's DCP storage format) and dropped once
+    copied, so reading one layer of a stacked [L, ...] tensor costs that layer, whatever TP/PP the checkpoint was
+    saved at (resharding is the overlap of the requested region with the stored chunks).
+
+        reader = CheckpointTensorReader(ckpt)
+        qkv = reader.read("decoder.layers.self_attention.linear_qkv.weight", (7, 0, 0), (1, 3072, 2048))
+    """
+
+    def __init__(self, ckpt_dir: str):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.ckpt_dir = ckpt_dir
+        self._reader = FileSystemReader(ckpt_dir)
+        try:
+            self.metadata = self._reader.read_metadata()
+        except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+            raise ConversionError(f"cannot read the torch_dist metadata of {ckpt_dir}: {exc}") from exc
+        self._reader.set_up_storage_reader(self.metadata, True)
+
+    def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """Region [offsets, offsets + sizes) of the global tensor `key`, in its stored dtype.
+
+        When a single stored chunk holds the region it is returned as a view of that chunk (no extra copy).
+        """
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.metadata.state_dict_metadata.get(key)
+        if md is None or not hasattr(md, "chunks"):
+            raise MissingTensorError(f"tensor '{key}' is missing from the Megatron checkpoint {self.ckpt_dir}")
+        want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+        items = create_read_items_for_chunk_list(key, md, [want])
+        numel = 1
+        for d in sizes:
+            numel *= d
+        if sum(_numel(item.lengths) for item in items) != numel:
+            raise ConversionError(f"the Megatron checkpoint {self.ckpt_dir} does not store all of tensor '{key}' "
+                                  f"at offsets {list(offsets)} sizes {list(sizes)}")
+        out = None
+        for item in sorted(items, key=lambda it: (self._reader.storage_data[it.storage_index].relative_path,
+                                                  self._reader.storage_data[it.storage_index].offset)):
+            piece = _narrow(self._load_chunk(item), item.storage_offsets, item.lengths)
+            if len(items) == 1:
+                return piece
+            if out is None:
+                out = torch.empty(sizes, dtype=md.properties.dtype)
+            _narrow(out, item.dest_offsets, item.lengths).copy_(piece)
+            del piece
+        return out
+
+    def _load_chunk(self, item) -> torch.Tensor:
+        """One stored chunk (whole), loaded from its file slice."""
+        info = self._reader.storage_data[item.storage_index]
+        with open(os.path.join(self.ckpt_dir, info.relative_path), "rb") as f:
+            stream = self._reader.transforms.transform_load_stream(item, info.transform_descriptors or (),
+                                                                    self._reader._slice_file(f, info))
+            if not stream.seekable():  # torch.load needs to seek (as FileSystemReader.read_data does)
+                stream = io.BytesIO(stream.read(-1))
+            return torch.load(stream, map_location="cpu", weights_only=True)
+
+
+def _numel(sizes) -> int:
+    n = 1
+    for d in sizes:
+        n *= d
+    return n
+
+
+def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        if start != 0 or length != tensor.shape[dim]:
+            tensor = tensor.narrow(dim, start, length)
+    return tensor

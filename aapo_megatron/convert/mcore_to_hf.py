@@ -1,11 +1,15 @@
 """Megatron dist_checkpointing -> HF safetensors shards + index + config.json, streamed, with bounded memory.
 
-The mirror of `hf_to_mcore`: W gloo workers laid out as TP=1, PP=W each load one
-pipeline stage with `dist_checkpointing.load` (resharding from whatever TP/PP the
-checkpoint was saved at), convert it to HF names through `convert.mapping` and
-write their own size-capped shards; the parent then gives the shards their HF
-names (`model-0000i-of-0000N.safetensors`, in layer order) and writes the index.
-Per-worker memory: its stage plus one output shard being buffered.
+The mirror of `hf_to_mcore`: W worker processes each take one pipeline stage's
+tensors (layers [r*L/W, (r+1)*L/W), embedding first, final norm and output layer
+last). A worker reads one Megatron tensor at a time straight from the torch_dist
+files (`mcore_io.CheckpointTensorReader`: the region of one layer, whatever TP/PP
+the checkpoint was saved at), converts it to HF names through `convert.mapping`
+and streams the result into its own size-capped shards (`SafetensorsStreamWriter`:
+headers planned up front, nothing buffered); the parent then gives the shards
+their HF names (`model-0000i-of-0000N.safetensors`, in layer order) and writes the
+index. Workers import neither Megatron nor a process group. Per-worker memory: the
+process itself plus about one Megatron tensor and its HF pieces.
 
     convert_mcore_to_hf("/ckpt/qwen-mcore", "/ckpt/qwen-hf")
 """
@@ -49,39 +53,46 @@ def _hf_order(mapping, pp_rank: int, pp_size: int) -> list:
     return first + layers + last
 
 
-def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_config: dict, ckpt_dtype: str,
-                        out_dtype: str, max_shard_bytes: int, progress: bool) -> list:
-    """Worker `rank` of `world`: load pipeline stage `rank` from the checkpoint, write it as HF shards."""
+def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_config: dict, out_dtype: str,
+                        max_shard_bytes: int, progress: bool) -> dict:
+    """Worker `rank` of `world`: stage `rank`'s tensors, read one group at a time and streamed into HF shards.
+
+    Needs neither Megatron nor a process group: the global tensors are read region by region from the
+    torch_dist files (any TP/PP the checkpoint was saved at). Returns {"parts": [ShardPart], "peak_live_bytes"}.
+    """
     import torch
     from tqdm import tqdm
 
-    from aapo_megatron.config import ParallelConfig
-    from aapo_megatron.convert.hf_io import SafetensorsShardWriter
+    from aapo_megatron.convert.hf_io import SafetensorsStreamWriter
     from aapo_megatron.convert.mapping import WeightMapping
-    from aapo_megatron.convert.mcore_io import load_mcore_checkpoint
-    from aapo_megatron.models.gpt import build_gpt_model, resolve_dtype, transformer_config
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
-    from aapo_megatron.models.weights import local_megatron_shards, model_naming
+    from aapo_megatron.convert.mcore_io import CheckpointTensorReader
+    from aapo_megatron.convert.memory import LiveTensorBytes
 
-    init_distributed(ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=world,
-                                    backend="gloo", timeout_minutes=120.0))
-    seed_everything(0)
     spec = ArchSpec.from_hf_config(hf_config)
-    config = transformer_config(spec, 1, world, ckpt_dtype, perform_initialization=False)
-    model = build_gpt_model(spec, dtype=ckpt_dtype, config=config)
-    load_mcore_checkpoint(model, ckpt_dir)
-    mapping = WeightMapping(spec, naming=model_naming(model))
-    shards = local_megatron_shards(model, mapping, rank, world)
+    mapping = WeightMapping(spec, naming="te")  # the checkpoint's keys use Transformer Engine norm names
+    reader = CheckpointTensorReader(ckpt_dir)
     groups = _hf_order(mapping, rank, world)
-    writer = SafetensorsShardWriter(out_dir, max_shard_bytes, tag=f"{rank:05d}")
-    target = resolve_dtype(out_dtype)
-    with torch.no_grad():
-        for group in tqdm(groups, desc=f"mcore-to-hf stage {rank}/{world}", unit="group",
-                          disable=not progress or rank != 0, leave=False):
-            full = mapping.unshard(group.megatron_name, [shards[group.megatron_name]])  # TP=1: the full tensor
-            for name, tensor in mapping.to_hf(group, full).items():
-                writer.add(name, tensor.to(target))
-    return writer.close()
+    target = getattr(torch, out_dtype)
+    layout = [(n, target, mapping.hf_shape(n)) for g in groups for n in g.hf_names]
+    writer = SafetensorsStreamWriter(out_dir, max_shard_bytes, layout, tag=f"{rank:05d}")
+    tracker = LiveTensorBytes()
+    for group in tqdm(groups, desc=f"mcore-to-hf stage {rank}/{world}", unit="group",
+                      disable=not progress or rank != 0, leave=False):
+        full = tracker.track(_read_full(reader, mapping, group))
+        for name, tensor in mapping.to_hf(group, full).items():
+            writer.add(name, tracker.track(tensor.to(target).contiguous()))
+            del tensor
+        del full
+    return {"parts": writer.close(), "peak_live_bytes": tracker.peak}
+
+
+def _read_full(reader, mapping, group):
+    """The full Megatron tensor of `group` (vocab rows unpadded) from the checkpoint: one layer of a stacked key."""
+    shape = mapping.megatron_shape(group.megatron_name)
+    if group.layer is None:
+        return reader.read(group.megatron_name, (0,) * len(shape), shape)  # vocab: the first vocab_size rows
+    key = group.megatron_name.replace(f"decoder.layers.{group.layer}.", "decoder.layers.", 1)
+    return reader.read(key, (group.layer,) + (0,) * len(shape), (1, *shape))[0]
 
 
 def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = None, dtype: Optional[str] = None,
@@ -125,9 +136,9 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
     with atomic_output_dir(out_dir, force, inputs=(ckpt_dir,)) as tmp:
         results = run_workers(
             _mcore_to_hf_worker, workers,
-            (os.path.abspath(ckpt_dir), tmp, config, ckpt_dtype, out_dtype, max_shard_bytes, progress),
+            (os.path.abspath(ckpt_dir), tmp, config, out_dtype, max_shard_bytes, progress),
         )
-        parts = [p for rank_parts in results for p in rank_parts]
+        parts = [p for r in results for p in r["parts"]]
         finalize_shards(tmp, parts)
         if hf_config is None and os.path.isfile(os.path.join(carried_dir, CONFIG_NAME)) and out_dtype == source_dtype:
             copy_files(carried_dir, tmp, (CONFIG_NAME,))  # the source's config.json, byte for byte
@@ -141,6 +152,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
         num_tensors=sum(len(p.names) for p in parts),
         bytes_written=sum(p.nbytes for p in parts),
         seconds=time.perf_counter() - t0,
+        peak_live_bytes=max(r["peak_live_bytes"] for r in results),
     )
 
 

@@ -69,7 +69,7 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
         import json
 
         config = json.load(open(os.path.join(hf_dir, "config.json")))
-        parts = _mcore_to_hf_worker(rank, world, mc_tp2, hf_out, config, "float32", "float32", 30_000, False)
+        parts = _mcore_to_hf_worker(rank, world, mc_tp2, hf_out, config, "float32", 30_000, False)["parts"]
         gathered = [None] * world
         dist.all_gather_object(gathered, parts)
         if rank == 0:

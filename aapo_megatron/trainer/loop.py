@@ -228,7 +228,8 @@ class TrainingJob:
 
         needs_reference = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
         log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if needs_reference else "")
-        self.policy_engine, self.reference_engine = build_engines(hf_init, cfg.rollout, reference=needs_reference)
+        self.policy_engine, self.reference_engine = build_engines(hf_init, cfg.rollout, reference=needs_reference,
+                                                                  max_prompt_tokens=cfg.data.max_prompt_tokens)
         self.reference_cache = None
         if cfg.algorithm.reference_rollouts == "cached":
             from aapo_megatron.rollout.reference_cache import ReferenceCache
@@ -583,7 +584,8 @@ class TrainingJob:
         hf_init = os.path.join(self.run_dir, HF_INIT_DIR)
         with _usr1_blocked_in_children():
             self.policy_engine, self.reference_engine = build_engines(
-                hf_init, self.cfg.rollout, reference=self.reference_engine is not None)
+                hf_init, self.cfg.rollout, reference=self.reference_engine is not None,
+                max_prompt_tokens=self.cfg.data.max_prompt_tokens)
         self.collector.policy, self.collector.reference = self.policy_engine, self.reference_engine
 
     def _loss_name(self) -> str:

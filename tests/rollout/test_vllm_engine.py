@@ -105,6 +105,18 @@ def test_seeded_sampling_reproduces(policy_engine):
     assert all(c.logprobs is None for g in a for c in g)
 
 
+def test_seeded_sampling_over_a_step_token_budget(policy_engine):
+    """Prompts totalling more than vLLM-CPU's default 4096-token step budget: with chunked prefill vLLM rewinds
+    the seeded CPU generators and the engine core dies ("CPU Generator does not use offset")."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (200,), generator=g).tolist() for _ in range(24)]  # 4800 prompt tokens
+    spec = SamplingSpec(n=2, temperature=1.0, max_tokens=8, seed=11, logprobs=True)
+    a = policy_engine.generate(prompts, spec).completions
+    b = policy_engine.generate(prompts, spec).completions
+    assert [[c.token_ids for c in grp] for grp in a] == [[c.token_ids for c in grp] for grp in b]
+    assert all(len(c.token_ids) >= 1 and len(c.logprobs) == len(c.token_ids) for grp in a for c in grp)
+
+
 def test_failed_sync_names_stage_cleans_up_and_blocks_generation(policy_engine, model_dirs):
     _, models = model_dirs
     before = shm_leftovers()

@@ -4,15 +4,18 @@
 
 A random Llama (H=2048, 8 layers, GQA 16/4, vocab 32000: 492M parameters, 0.98 GB in bf16)
 is built with transformers from a config and saved with `max_shard_size`, so it has several
-shards. Each conversion runs as the real CLI in a subprocess; the benchmark polls the
-VmHWM (kernel peak-RSS high-water mark) of every process in its tree. Printed per run:
+shards. The benchmark polls the VmHWM (kernel peak-RSS high-water mark) of every process in
+its tree. Printed per run:
 
     bound = 2 x largest shard + model size / workers     (the issue's budget for one worker)
-    peak  = the largest peak RSS of any worker process
-    peak - base = the same minus a worker's fixed footprint (python + torch + megatron imported, no weights)
+    peak  = the largest peak RSS (VmHWM) of any worker process
+    base  = the largest RSS a worker of that same run reported once set up (imports, process group,
+            empty model), right before it read its first weight (ConversionResult.worker_base_rss)
+    live  = the most bytes of converted tensors one worker held at once (ConversionResult.peak_live_bytes)
 
 and the ratios peak / bound and (peak - base) / bound. For mcore-to-hf the "shard" is the
-output shard cap (the writer buffers at most one).
+output shard cap. Each conversion runs through the Python API (`convert_hf_to_mcore` /
+`convert_mcore_to_hf`, what the CLI calls) in a fresh subprocess, so its result comes back too.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def _hwm_bytes(pid: int) -> int:
     return 0
 
 
-def run_measured(argv: list[str]) -> tuple[float, int, int, int]:
-    """Run argv; return (seconds, parent peak RSS, largest descendant peak RSS, peak of the tree's summed PSS).
+def run_measured(argv: list[str]) -> tuple[float, int, int, int, str]:
+    """Run argv; return (seconds, parent peak RSS, largest descendant peak RSS, peak of the tree's summed PSS, stdout).
 
     Peak RSS per process is the kernel's VmHWM (exact). The tree total uses PSS, sampled every ~0.25 s:
     dist_checkpointing forks writer processes that share the model's pages, which RSS would count twice.
@@ -85,27 +88,26 @@ def run_measured(argv: list[str]) -> tuple[float, int, int, int]:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{err[-3000:]}")
     parent = peaks.pop(proc.pid, 0)
-    return seconds, parent, max(peaks.values(), default=0), tree_peak
+    return seconds, parent, max(peaks.values(), default=0), tree_peak, out
 
 
-def worker_baseline() -> int:
-    """Peak RSS of a process that imports what a conversion worker imports and initialises gloo, no weights."""
-    code = (
-        "import os, torch, torch.distributed as dist\n"
-        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29581', RANK='0', WORLD_SIZE='1')\n"
-        "from aapo_megatron.config import ParallelConfig\n"
-        "from aapo_megatron.models.parallel import init_distributed\n"
-        "import aapo_megatron.convert.hf_to_mcore, aapo_megatron.convert.mcore_to_hf\n"
-        "import aapo_megatron.models.gpt, aapo_megatron.models.weights\n"
-        "from megatron.core import dist_checkpointing\n"
-        "init_distributed(ParallelConfig(backend='gloo'))\n"
-        "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
-    )
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise SystemExit(res.stderr[-2000:])
-    return int(res.stdout.strip().splitlines()[-1]) * 1024
+DRIVER = """
+import dataclasses, json, sys
+if __name__ == "__main__":
+    direction, kwargs = sys.argv[1], json.loads(sys.argv[2])
+    if direction == "hf-to-mcore":
+        from aapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore as convert
+    else:
+        from aapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf as convert
+    print(json.dumps(dataclasses.asdict(convert(**kwargs))))
+"""
+
+
+def convert(direction: str, **kwargs) -> tuple[float, int, int, int, dict]:
+    """Run one conversion through the Python API in a fresh process; run_measured's numbers + its ConversionResult."""
+    argv = [sys.executable, "-W", "ignore", "-c", DRIVER, direction, json.dumps(dict(kwargs, progress=False))]
+    s, parent, peak, tree, out = run_measured(argv)
+    return s, parent, peak, tree, json.loads(out.strip().splitlines()[-1])
 
 
 def build_model(path: str, shard_size: str) -> None:
@@ -143,41 +145,37 @@ def main() -> None:
         print(f"model: {model_bytes / 1e9:.3f} GB bf16 in {len(reader.files)} shards, "
               f"largest {shard_bytes / 1e6:.0f} MB; {os.cpu_count()} CPUs, OMP_NUM_THREADS="
               f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
-        base = worker_baseline()
-        print(f"worker baseline (python + torch + megatron + gloo, no weights): {base / 2**20:.0f} MiB\n")
-
-        cli = [sys.executable, "-W", "ignore", "-m", "aapo_megatron.convert.cli"]
         rows = []
         for w in (int(x) for x in args.workers.split(",")):
             mc, back = os.path.join(work, f"mcore_w{w}"), os.path.join(work, f"hf_w{w}")
-            s, parent, peak, tree = run_measured(cli + ["hf-to-mcore", "--hf-dir", hf, "--out", mc, "--workers",
-                                                        str(w), "--force", "--no-progress"])
-            rows.append(("hf-to-mcore", w, s, shard_bytes, model_bytes, parent, peak, tree))
+            s, parent, peak, tree, res = convert("hf-to-mcore", hf_dir=hf, out_dir=mc, workers=w, force=True)
+            rows.append(("hf-to-mcore", w, s, shard_bytes, model_bytes, parent, peak, tree, res))
             out_shard = parse_size(args.shard_size)
-            s, parent, peak, tree = run_measured(cli + ["mcore-to-hf", "--ckpt", mc, "--out", back, "--workers",
-                                                        str(w), "--max-shard-size", args.shard_size, "--force",
-                                                        "--no-progress"])
-            rows.append(("mcore-to-hf", w, s, out_shard, model_bytes, parent, peak, tree))
+            s, parent, peak, tree, res = convert("mcore-to-hf", ckpt_dir=mc, out_dir=back, workers=w,
+                                                 max_shard_size=args.shard_size, force=True)
+            rows.append(("mcore-to-hf", w, s, out_shard, model_bytes, parent, peak, tree, res))
             # sanity: the round trip is exact
             a, b = HFCheckpointReader(hf), HFCheckpointReader(back)
-            for name in ("model.layers.7.mlp.down_proj.weight", "lm_head.weight"):
+            for name in ("model.embed_tokens.weight", "model.layers.7.mlp.down_proj.weight", "lm_head.weight"):
                 import torch
 
-                assert torch.equal(a.load([name])[name], b.load([name])[name]), name
+                assert torch.equal(a.read(name), b.read(name)), name
             shutil.rmtree(back)
             shutil.rmtree(mc)
 
         mib = lambda b: f"{b / 2**20:7.0f}"  # noqa: E731
         print(f"{'direction':<12} {'W':>2} {'time s':>7} {'bound MiB':>9} {'peak MiB':>8} {'base':>5} "
-              f"{'peak/bound':>10} {'(peak-base)/bound':>17} {'parent MiB':>10} {'tree PSS MiB':>12}")
+              f"{'peak/bound':>10} {'(peak-base)/bound':>17} {'live MiB':>8} {'parent MiB':>10} {'tree PSS MiB':>12}")
         results = []
-        for direction, w, s, shard, model, parent, peak, tree in rows:
+        for direction, w, s, shard, model, parent, peak, tree, res in rows:
             bound = 2 * shard + model / w
+            base, live = res["worker_base_rss"], res["peak_live_bytes"]
             print(f"{direction:<12} {w:>2} {s:7.1f} {mib(bound):>9} {mib(peak):>8} {mib(base)[-5:]:>5} "
-                  f"{peak / bound:10.2f} {(peak - base) / bound:17.2f} {mib(parent):>10} {mib(tree):>12}")
+                  f"{peak / bound:10.2f} {(peak - base) / bound:17.2f} {mib(live):>8} {mib(parent):>10} "
+                  f"{mib(tree):>12}")
             results.append(dict(direction=direction, workers=w, seconds=round(s, 2), bound_bytes=int(bound),
-                                peak_worker_rss=peak, worker_baseline_rss=base, parent_peak_rss=parent,
-                                tree_peak_pss=tree, ratio=round(peak / bound, 3),
+                                peak_worker_rss=peak, worker_baseline_rss=base, peak_live_bytes=live,
+                                parent_peak_rss=parent, tree_peak_pss=tree, ratio=round(peak / bound, 3),
                                 ratio_minus_baseline=round((peak - base) / bound, 3)))
         print("\n" + json.dumps({"model_bytes": model_bytes, "largest_shard_bytes": shard_bytes, "runs": results}))
     finally:

@@ -16,6 +16,7 @@ renames them to HF's `model-0000i-of-0000N.safetensors` and writes
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -267,10 +268,17 @@ class HFCheckpointReader:
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
-    """Writable memoryview over a contiguous tensor's bytes (no copy; any dtype, including bfloat16)."""
-    if tensor.numel() == 0:
+    """Writable memoryview over a contiguous CPU tensor's bytes (no copy; any dtype, including bfloat16).
+
+    Built from the data pointer rather than through numpy, which would mark the storage non-resizable. The view
+    does not keep the tensor alive: the caller must hold it while the view is used.
+    """
+    if not tensor.is_contiguous():
+        raise ValueError("_byte_view needs a contiguous tensor")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
         return memoryview(bytearray())
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _read_from_shard(path: str, names: list[str]) -> dict[str, torch.Tensor]:
@@ -442,7 +450,9 @@ class SafetensorsStreamWriter:
                              f"{want_dtype} {list(want_shape)}")
         if self._file is None:
             self._open_next_shard()
-        self._file.write(_byte_view(tensor.contiguous()))
+        data = tensor.contiguous()  # kept alive while its bytes are written (the view does not own them)
+        self._file.write(_byte_view(data))
+        del data
         self._next += 1
         self._left -= 1
         if self._left == 0:

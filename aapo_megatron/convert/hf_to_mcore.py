@@ -46,6 +46,8 @@ class ConversionResult:
     seconds: float
     peak_live_bytes: int = 0
     """The most bytes of converted tensors one worker held at once (tensors produced for writing, still alive)."""
+    worker_base_rss: int = 0
+    """The largest RSS of a worker once set up (imports, process group, empty model), before it read any weight."""
 
 
 def resolve_dtype_name(dtype: Optional[str], spec: ArchSpec) -> str:
@@ -88,7 +90,7 @@ def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[s
 
 def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype: str, progress: bool) -> dict:
     """Worker `rank` of `world`: pipeline stage `rank`, saved collectively with each tensor built when it is written."""
-    from aapo_megatron.convert.memory import import_megatron_without_compile
+    from aapo_megatron.convert.memory import current_rss, import_megatron_without_compile
 
     import_megatron_without_compile()  # before anything else imports Megatron: ~70 MiB less per worker
     from tqdm import tqdm
@@ -114,12 +116,13 @@ def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype:
     bar = tqdm(total=len(names), desc=f"hf-to-mcore stage {rank}/{world}", unit="tensor",
                disable=not progress or rank != 0, leave=False)
     produce = _stage_producer(mapping, reader, rank, world, bar)
+    base_rss = current_rss()
     tracker = save_mcore_checkpoint_lazy(model, out_dir, produce)
     bar.close()
     # the last stage's copy of a tied embedding is not saved (Megatron marks it a replica)
     params = [p for n, p in model.named_parameters() if not (spec.tie_word_embeddings and n == "output_layer.weight")]
     return {"num_params": sum(p.numel() for p in params), "bytes": sum(p.numel() * p.element_size() for p in params),
-            "hf_tensors": len(names), "peak_live_bytes": tracker.peak, "produced": tracker.count}
+            "hf_tensors": len(names), "peak_live_bytes": tracker.peak, "produced": tracker.count, "base_rss": base_rss}
 
 
 def _stage_producer(mapping, reader: HFCheckpointReader, pp_rank: int, pp_size: int, bar=None):
@@ -181,6 +184,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         bytes_written=sum(r["bytes"] for r in results),
         seconds=time.perf_counter() - t0,
         peak_live_bytes=max(r["peak_live_bytes"] for r in results),
+        worker_base_rss=max(r["base_rss"] for r in results),
     )
 
 

@@ -9,8 +9,9 @@ torch_dist strategy whose DCP planner builds each tensor only when the file writ
     produce(local_param_name, first_row, end_row) -> rows [first_row, end_row) of that parameter's value
 
 (a Megatron tensor may be saved in pieces: linear_fc1 is saved as its gate and up halves). The writer is
-torch's synchronous `FileSystemWriter` with one thread, which resolves, writes and drops one tensor at
-a time, so a worker holds a few tensors at once instead of its whole stage. The checkpoint is the same
+torch's synchronous `FileSystemWriter` with one thread, which resolves and writes one tensor at a time;
+the planner frees each produced tensor's storage when the writer asks for the next one, so a worker
+holds about one tensor at once instead of its whole stage. The checkpoint is the same
 as `save_mcore_checkpoint` writes: the same keys, shapes, chunks and bytes.
 
 Import this module only after Megatron-Core is imported (see `convert.memory.import_megatron_without_compile`).
@@ -45,10 +46,12 @@ class _LazySavePlanner(MCoreSavePlanner):
         self._params = params  # storage address -> (local name, parameter)
         self._produce = produce
         self._tracker = tracker
+        self._last: Optional[torch.Tensor] = None
 
     def resolve_data(self, write_item: WriteItem):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
+        self.release_last()
         placeholder = self.lookup_object(write_item.index)  # a view of the (never written) parameter
         entry = self._params.get(placeholder.untyped_storage().data_ptr())
         if entry is None:
@@ -66,7 +69,20 @@ class _LazySavePlanner(MCoreSavePlanner):
             raise RuntimeError(f"produced rows [{first}, {first + rows}) of {name!r} with shape "
                                f"{tuple(value.shape)}, expected {expected}")
         value = value.to(placeholder.dtype).reshape(placeholder.shape)
-        return self._tracker.track(value)
+        if value.untyped_storage().nbytes() != value.nbytes:
+            value = value.clone()  # own storage, so that the writer does not clone it (and release_last frees it)
+        self._last = self._tracker.track(value)
+        return value
+
+    def release_last(self) -> None:
+        """Free the storage of the tensor produced last (it was written: the writer resolves items one by one).
+
+        torch's `_write_files_from_queue` keeps a reference to every tensor it wrote until its file is
+        complete (it collects them for its safetensors format), which would hold the whole stage.
+        """
+        if self._last is not None:
+            self._last.untyped_storage().resize_(0)
+            self._last = None
 
 
 class _LazyTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
@@ -83,6 +99,7 @@ class _LazyTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
         pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
         dcp.save(pyt_state_dict, storage_writer=writer, planner=self._planner)
+        self._planner.release_last()
 
 
 def save_mcore_checkpoint_lazy(model: torch.nn.Module, ckpt_dir: str, produce: Produce,

@@ -58,7 +58,7 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
     """Worker `rank` of `world`: stage `rank`'s tensors, read one group at a time and streamed into HF shards.
 
     Needs neither Megatron nor a process group: the global tensors are read region by region from the
-    torch_dist files (any TP/PP the checkpoint was saved at). Returns {"parts": [ShardPart], "peak_live_bytes"}.
+    torch_dist files (any TP/PP the checkpoint was saved at). Returns {"parts": [ShardPart], "peak_live_bytes", "base_rss"}.
     """
     import torch
     from tqdm import tqdm
@@ -66,7 +66,7 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
     from aapo_megatron.convert.hf_io import SafetensorsStreamWriter
     from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.convert.mcore_io import CheckpointTensorReader
-    from aapo_megatron.convert.memory import LiveTensorBytes
+    from aapo_megatron.convert.memory import LiveTensorBytes, current_rss
 
     spec = ArchSpec.from_hf_config(hf_config)
     mapping = WeightMapping(spec, naming="te")  # the checkpoint's keys use Transformer Engine norm names
@@ -76,6 +76,7 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
     layout = [(n, target, mapping.hf_shape(n)) for g in groups for n in g.hf_names]
     writer = SafetensorsStreamWriter(out_dir, max_shard_bytes, layout, tag=f"{rank:05d}")
     tracker = LiveTensorBytes()
+    base_rss = current_rss()
     for group in tqdm(groups, desc=f"mcore-to-hf stage {rank}/{world}", unit="group",
                       disable=not progress or rank != 0, leave=False):
         full = tracker.track(_read_full(reader, mapping, group))
@@ -83,7 +84,7 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
             writer.add(name, tracker.track(tensor.to(target).contiguous()))
             del tensor
         del full
-    return {"parts": writer.close(), "peak_live_bytes": tracker.peak}
+    return {"parts": writer.close(), "peak_live_bytes": tracker.peak, "base_rss": base_rss}
 
 
 def _read_full(reader, mapping, group):
@@ -153,6 +154,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
         bytes_written=sum(p.nbytes for p in parts),
         seconds=time.perf_counter() - t0,
         peak_live_bytes=max(r["peak_live_bytes"] for r in results),
+        worker_base_rss=max(r["base_rss"] for r in results),
     )
 
 

@@ -149,6 +149,8 @@ class RolloutConfig:
     """Weight sync bucket size, MiB."""
     weight_sync_timeout_s: float = 600.0
     """A weight sync stage that takes longer than this fails with an error naming the stage, seconds."""
+    overlap_reference: bool = True
+    """Generate the reference responses at the same time as the policy's (two engines). On CPU the colocated engines then get disjoint halves of the cores; false runs them one after the other on vLLM's default binding."""
 
 
 @dataclass

@@ -129,8 +129,6 @@ class VLLMRolloutEngine(RolloutEngine):
         self._nccl: Optional[NcclWeightTransfer] = None
         self._slots: Optional[ShmSlots] = None  # reusable shm bucket files, made on the first sync
 
-        if cpu_threads_bind is not None:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -154,7 +152,18 @@ class VLLMRolloutEngine(RolloutEngine):
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         kwargs.update(llm_kwargs)
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        # The engine-core process reads its CPU binding from the environment when it starts; set it only for that.
+        saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+        if cpu_threads_bind is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+        self.cpu_threads_bind = cpu_threads_bind
         self.startup_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ generation
@@ -336,6 +345,10 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
         except (OSError, ValueError):
             model_context = None  # the engine reports the bad model directory itself
         kwargs["max_model_len"] = min(context, int(model_context)) if model_context else context
+    binds: tuple[Optional[str], Optional[str]] = (None, None)
+    if (reference and rollout_cfg.overlap_reference and not torch.cuda.is_available()
+            and "cpu_threads_bind" not in kwargs and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+        binds = split_cpu_cores(sorted(os.sched_getaffinity(0)))
     common = dict(
         dtype=rollout_cfg.dtype,
         memory_fraction=rollout_cfg.memory_fraction,
@@ -344,6 +357,25 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
         weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
     )
     common.update(kwargs)
-    policy = VLLMRolloutEngine(model_path, role="policy", **common)
-    ref = VLLMRolloutEngine(model_path, role="reference", **common) if reference else None
+    policy = VLLMRolloutEngine(model_path, role="policy", **common, **_bind(binds[0]))
+    ref = VLLMRolloutEngine(model_path, role="reference", **common, **_bind(binds[1])) if reference else None
     return policy, ref
+
+
+def _bind(cpus: Optional[str]) -> dict[str, str]:
+    return {} if cpus is None else {"cpu_threads_bind": cpus}
+
+
+def split_cpu_cores(cores: Sequence[int]) -> tuple[str, str]:
+    """VLLM_CPU_OMP_THREADS_BIND values giving the policy and the reference engine disjoint halves of `cores`.
+
+    vLLM-CPU's default binding puts every engine of a process on the same last core, so two engines generating
+    at once would share one core. With a single core both get it.
+    """
+    cores = list(cores)
+    if not cores:
+        raise ValueError("no CPU cores to bind the rollout engines to")
+    if len(cores) == 1:
+        return str(cores[0]), str(cores[0])
+    half = len(cores) // 2
+    return ",".join(map(str, cores[:half])), ",".join(map(str, cores[half:]))

@@ -6,7 +6,9 @@ learner ranks train on, plus the step's rollout metrics.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent import futures
 from typing import Any, Optional, Sequence
 
 import torch
@@ -91,8 +93,9 @@ class RolloutCollector:
         self.estimator = build_advantage_estimator(cfg.algorithm)
 
     # ------------------------------------------------------------------ generation
-    def _reference_groups(self, prompts: Sequence[Any], step: int, timings: dict) -> list[list[Completion]]:
-        """G reference completions per prompt: fresh from the frozen engine, or from the cache."""
+    def _reference_groups(self, prompts: Sequence[Any], step: int, timings: dict
+                          ) -> tuple[list[list[Completion]], dict[str, float]]:
+        """G reference completions per prompt (fresh from the frozen engine, or from the cache), and `timings`."""
         G = self.cfg.rollout.num_generations
         spec = sampling_spec(self.cfg, step_seed(self.cfg.rollout.seed, step, _REFERENCE_STREAM), n=G,
                              stop_token_ids=[self.eos])
@@ -106,7 +109,7 @@ class RolloutCollector:
         else:
             groups = _generate(self.reference, "reference", [p.input_ids for p in prompts], spec).completions
         timings["time/reference"] = time.perf_counter() - t0
-        return groups
+        return groups, timings
 
     def collect(self, prompts: Sequence[Any], step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """Rollouts, rewards and advantages for `prompts` (B Prompt objects) at RL step `step`."""
@@ -115,12 +118,27 @@ class RolloutCollector:
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         spec = sampling_spec(cfg, step_seed(cfg.rollout.seed, step, _POLICY_STREAM), stop_token_ids=[self.eos])
-        policy_out = _generate(self.policy, "policy", [p.input_ids for p in prompts], spec)
+        needs_reference = self.estimator.uses_reference
+        # The reference responses depend only on the prompts, so they can be sampled while the policy samples.
+        ref_job = (in_background(self._reference_groups, prompts, step, {})
+                   if needs_reference and cfg.rollout.overlap_reference else None)
+        try:
+            policy_out = _generate(self.policy, "policy", [p.input_ids for p in prompts], spec)
+        except BaseException:
+            if ref_job is not None:
+                futures.wait([ref_job])  # never leave a generate call running behind a failure
+            raise
         metrics["time/rollout"] = time.perf_counter() - t0
         metrics["rollout/weight_version"] = float(policy_out.weight_version)
         policy = flatten(policy_out.completions)  # [B*G]
-        needs_reference = self.estimator.uses_reference
-        reference = flatten(self._reference_groups(prompts, step, metrics)) if needs_reference else []
+        if ref_job is not None:
+            ref_groups, ref_timings = ref_job.result()
+            metrics.update(ref_timings)
+            metrics["time/generate"] = time.perf_counter() - t0  # both engines, overlapped
+        elif needs_reference:
+            ref_groups, ref_timings = self._reference_groups(prompts, step, {})
+            metrics.update(ref_timings)
+        reference = flatten(ref_groups) if needs_reference else []
 
         samples = [p.reward_sample() for p in prompts for _ in range(G)]
         t0 = time.perf_counter()
@@ -155,6 +173,20 @@ class RolloutCollector:
             if all(c.logprobs is not None for c in policy) else None,
         )
         return batch, metrics
+
+
+def in_background(fn: Any, *args: Any) -> futures.Future:
+    """Run fn(*args) on a daemon thread (a hung engine cannot block interpreter exit); its result as a Future."""
+    job: futures.Future = futures.Future()
+
+    def run() -> None:
+        try:
+            job.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            job.set_exception(exc)
+
+    threading.Thread(target=run, name="aapo-reference-rollout", daemon=True).start()
+    return job
 
 
 def truncate_at_eos(token_ids: Sequence[int], eos: int) -> list[int]:

@@ -269,3 +269,13 @@ def test_reference_cache_bookkeeping_and_errors(tmp_path):
     with pytest.raises(ValueError, match="reference cache state is malformed: KeyError"):
         fresh.load_state_dict(bad)
     assert len(fresh) == 0  # unchanged on error
+
+
+def test_split_cpu_cores_gives_the_two_engines_disjoint_halves():
+    from aapo_megatron.rollout.vllm_engine import split_cpu_cores
+
+    assert split_cpu_cores([0, 1]) == ("0", "1")
+    assert split_cpu_cores([0, 1, 2, 3, 4]) == ("0,1", "2,3,4")
+    assert split_cpu_cores([7]) == ("7", "7")
+    with pytest.raises(ValueError, match="no CPU cores"):
+        split_cpu_cores([])

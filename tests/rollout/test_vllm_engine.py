@@ -184,3 +184,29 @@ def test_cached_reference_reuses_samples_and_survives_restore(reference_engine, 
     assert calls == [2, 2], "a restored cache must not generate again"
     assert [[c.token_ids for c in g] for g in third] == [[c.token_ids for c in g] for g in second]
     assert [[c.finish_reason for c in g] for g in third] == [[c.finish_reason for c in g] for g in second]
+
+
+def test_policy_and_reference_generate_concurrently_as_they_do_alone(policy_engine, reference_engine):
+    """The trainer samples the reference while the policy samples (rollout.overlap_reference): two engines
+    driven from two threads return exactly what each returns when called alone."""
+    from aapo_megatron.trainer.rollout import in_background
+
+    specs = [SamplingSpec(n=3, temperature=1.0, max_tokens=16, seed=s, logprobs=True) for s in (5, 6)]
+    alone = [policy_engine.generate(PROMPTS, specs[0]), reference_engine.generate(PROMPTS, specs[1])]
+    for _ in range(3):
+        job = in_background(reference_engine.generate, PROMPTS, specs[1])
+        pol = policy_engine.generate(PROMPTS, specs[0])
+        ref = job.result(timeout=120)
+        for got, want in ((pol, alone[0]), (ref, alone[1])):
+            assert [[c.token_ids for c in g] for g in got.completions] == [[c.token_ids for c in g] for g in want.completions]
+            assert [[c.logprobs for c in g] for g in got.completions] == [[c.logprobs for c in g] for g in want.completions]
+
+
+def test_background_job_hands_its_exception_to_the_caller():
+    from aapo_megatron.trainer.rollout import in_background
+
+    def boom():
+        raise RuntimeError("reference engine exploded")
+
+    with pytest.raises(RuntimeError, match="reference engine exploded"):
+        in_background(boom).result(timeout=10)

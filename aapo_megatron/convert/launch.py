@@ -25,6 +25,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MALLOC_MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves an allocation by mmap in a conversion worker (unless MALLOC_MMAP_THRESHOLD_ is set)."""
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment variables set for the workers' start.
+
+    CUDA_VISIBLE_DEVICES="": conversion is CPU work; hiding GPUs makes workers take the CPU code paths (local
+    layer spec, gloo, no device memory) whatever machine they run on.
+    MALLOC_MMAP_THRESHOLD_: glibc raises its mmap threshold to the size of each freed mmapped block (up to
+    32 MiB), after which freed tensors stay in the heap and fragment it; a fixed 1 MiB threshold hands every
+    converted tensor back to the OS when it is freed. On the 1 GB benchmark this took a worker's peak from a
+    run-to-run 525-630 MiB down to a steady 504 MiB, and no slower.
+    """
+    return {"CUDA_VISIBLE_DEVICES": "",
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))}
+
+
 def _worker_entry(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any], threads: int, q) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -71,18 +89,17 @@ def run_workers(fn: Callable, world: int, args: Sequence[Any] = (), timeout_s: f
     procs = [
         ctx.Process(target=_worker_entry, args=(r, world, port, fn, tuple(args), threads, q)) for r in range(world)
     ]
-    # Conversion is CPU work: hide GPUs so that workers take the CPU code paths (local layer spec, gloo, no
-    # device memory), whatever machine they run on. Spawned children copy os.environ at start.
-    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    saved = {k: os.environ.get(k) for k in _worker_env()}
+    os.environ.update(_worker_env())  # spawned children copy os.environ when they start
     try:
         for p in procs:
             p.start()
     finally:
-        if saved is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     results: dict[int, Any] = {}
     failure: tuple[int, Any] | None = None
     try:

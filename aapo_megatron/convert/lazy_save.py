@@ -11,8 +11,9 @@ torch_dist strategy whose DCP planner builds each tensor only when the file writ
 (a Megatron tensor may be saved in pieces: linear_fc1 is saved as its gate and up halves). The writer is
 torch's synchronous `FileSystemWriter` with one thread, which resolves and writes one tensor at a time;
 the planner frees each produced tensor's storage when the writer asks for the next one, so a worker
-holds about one tensor at once instead of its whole stage. The checkpoint is the same
-as `save_mcore_checkpoint` writes: the same keys, shapes, chunks and bytes.
+holds about one tensor at once instead of its whole stage. The checkpoint holds what
+`save_mcore_checkpoint` would write: the same keys, global shapes, chunks and tensor values (one
+.distcp file per rank).
 
 Import this module only after Megatron-Core is imported (see `convert.memory.import_megatron_without_compile`).
 """
@@ -77,8 +78,9 @@ class _LazySavePlanner(MCoreSavePlanner):
     def release_last(self) -> None:
         """Free the storage of the tensor produced last (it was written: the writer resolves items one by one).
 
-        torch's `_write_files_from_queue` keeps a reference to every tensor it wrote until its file is
-        complete (it collects them for its safetensors format), which would hold the whole stage.
+        torch's `_write_files_from_queue` keeps a reference to the last tensor written under each key until its
+        file is complete (it collects them for its safetensors format): the embedding, the output layer and one
+        tensor of each stacked layer key would stay allocated.
         """
         if self._last is not None:
             self._last.untyped_storage().resize_(0)
@@ -97,7 +99,10 @@ class _LazyTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
 
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
-        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+        # one thread, no copy-ahead: the serial loader resolves an item only after the previous one was written,
+        # which `release_last` relies on (with a GPU visible, copy-ahead would resolve several in advance)
+        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
+                                  per_thread_copy_ahead=0)
         dcp.save(pyt_state_dict, storage_writer=writer, planner=self._planner)
         self._planner.release_last()
 

@@ -58,7 +58,8 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
     """Worker `rank` of `world`: stage `rank`'s tensors, read one group at a time and streamed into HF shards.
 
     Needs neither Megatron nor a process group: the global tensors are read region by region from the
-    torch_dist files (any TP/PP the checkpoint was saved at). Returns {"parts": [ShardPart], "peak_live_bytes", "base_rss"}.
+    torch_dist files (any TP/PP the checkpoint was saved at).
+    Returns {"parts": [ShardPart], "peak_live_bytes": int, "base_rss": int}.
     """
     import torch
     from tqdm import tqdm

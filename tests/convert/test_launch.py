@@ -1,4 +1,4 @@
-"""The conversion worker launcher: results per rank, errors re-raised with their message, GPUs hidden."""
+"""The conversion worker launcher: results per rank, errors re-raised with their message, GPUs hidden, malloc set."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def _ok(rank: int, world: int, tag: str):
     dist.init_process_group("gloo")
     t = __import__("torch").tensor([rank + 1])
     dist.all_reduce(t)
-    return (tag, rank, world, int(t), os.environ["CUDA_VISIBLE_DEVICES"], os.environ["RANK"])
+    return (tag, rank, world, int(t), os.environ["CUDA_VISIBLE_DEVICES"], os.environ["RANK"],
+            os.environ["MALLOC_MMAP_THRESHOLD_"])
 
 
 def _fails(rank: int, world: int):
@@ -31,10 +32,15 @@ def _crashes(rank: int, world: int):
     return rank
 
 
-def test_results_in_rank_order_with_gpus_hidden():
+def test_results_in_rank_order_with_gpus_hidden(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    assert run_workers(_ok, 2, ("t",)) == [("t", 0, 2, 3, "", "0"), ("t", 1, 2, 3, "", "1")]
+    # GPUs hidden, and glibc's mmap threshold fixed at 1 MiB (freed tensors go back to the OS)
+    assert run_workers(_ok, 2, ("t",)) == [("t", 0, 2, 3, "", "0", "1048576"), ("t", 1, 2, 3, "", "1", "1048576")]
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # the parent's environment is restored
+    assert "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # a user's own setting wins
+    assert [r[-1] for r in run_workers(_ok, 2, ("u",))] == ["65536", "65536"]
 
 
 def test_conversion_errors_keep_type_and_message():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
@@ -404,20 +405,13 @@ def plan_shards(layout: Sequence[TensorLayout], max_shard_bytes: int) -> list[li
     size = 0
     for entry in layout:
         _, dtype, shape = entry
-        nbytes = _numel(shape) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
             shards.append([])
             size = 0
         shards[-1].append(entry)
         size += nbytes
     return shards
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class SafetensorsStreamWriter:
@@ -465,7 +459,7 @@ class SafetensorsStreamWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         begin = 0
         for name, dtype, shape in entries:
-            end = begin + _numel(shape) * dtype.itemsize
+            end = begin + math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": _TAGS[dtype], "shape": list(shape), "data_offsets": [begin, end]}
             begin = end
         raw = json.dumps(header, separators=(",", ":")).encode()

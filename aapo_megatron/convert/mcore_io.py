@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from typing import Any, Optional
 
@@ -283,10 +284,7 @@ class CheckpointTensorReader:
             raise MissingTensorError(f"tensor '{key}' is missing from the Megatron checkpoint {self.ckpt_dir}")
         want = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
         items = create_read_items_for_chunk_list(key, md, [want])
-        numel = 1
-        for d in sizes:
-            numel *= d
-        if sum(_numel(item.lengths) for item in items) != numel:
+        if sum(math.prod(item.lengths) for item in items) != math.prod(sizes):
             raise ConversionError(f"the Megatron checkpoint {self.ckpt_dir} does not store all of tensor '{key}' "
                                   f"at offsets {list(offsets)} sizes {list(sizes)}")
         out = None
@@ -310,13 +308,6 @@ class CheckpointTensorReader:
             if not stream.seekable():  # torch.load needs to seek (as FileSystemReader.read_data does)
                 stream = io.BytesIO(stream.read(-1))
             return torch.load(stream, map_location="cpu", weights_only=True)
-
-
-def _numel(sizes) -> int:
-    n = 1
-    for d in sizes:
-        n *= d
-    return n
 
 
 def _narrow(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:

@@ -142,6 +142,17 @@ def test_conversions_hold_a_few_tensors_not_the_stage(tmp_path):
     assert largest <= res.peak_live_bytes <= 2 * largest, (res.peak_live_bytes, largest, total)
     assert res.worker_base_rss > 100 * 2**20  # a real process with torch + Megatron, measured before any weight
 
+    from aapo_megatron.convert.errors import MissingTensorError
+    from aapo_megatron.convert.mcore_io import CheckpointTensorReader
+
+    mc = str(tmp_path / "mcore")
+    ckpt = CheckpointTensorReader(mc)
+    down = ckpt.read("decoder.layers.mlp.linear_fc2.weight", (5, 0, 0), (1, 64, 160))  # one layer of the stack
+    assert torch.equal(down[0], sd["model.layers.5.mlp.down_proj.weight"])
+    with pytest.raises(MissingTensorError, match=f"tensor 'decoder.layers.nope' is missing from the Megatron "
+                                                 f"checkpoint {mc}"):
+        ckpt.read("decoder.layers.nope", (0,), (1,))
+
     back = str(tmp_path / "back")
     res = convert_mcore_to_hf(str(tmp_path / "mcore"), back, workers=1, max_shard_size="200KB", progress=False)
     assert largest <= res.peak_live_bytes <= 2 * largest, (res.peak_live_bytes, largest, total)

@@ -259,6 +259,11 @@ class TrainerConfig:
     """Optimizer updates per step (the rollouts are split into this many mini-batches)."""
     micro_batch_tokens: int = 8192
     """Token budget of one micro-batch (sequences are packed up to it)."""
+    pack_sequences: bool = True
+    """Pack several samples into each micro-batch row, attention kept within each sample, so padding costs
+    no compute. Local layer spec (CPU) only: Transformer Engine's attention is causal-only, so TE runs pad."""
+    pack_factor: int = 2
+    """Packed row length: this many times the step's longest sequence (at most micro_batch_tokens)."""
     seed: int = 1234
     """Global seed."""
     eval_every: int = 0
@@ -672,7 +677,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _non_negative(t, "trainer", "steps", "eval_every", "sft_steps")
     _positive(t, "trainer", "sft_lr", "sft_batch_size")
     _check("{answer}" in t.sft_target, "trainer.sft_target", "must contain the placeholder {answer}", t.sft_target)
-    _positive(t, "trainer", "updates_per_step", "micro_batch_tokens", "max_bad_steps")
+    _positive(t, "trainer", "updates_per_step", "micro_batch_tokens", "max_bad_steps", "pack_factor")
     n_samples = d.prompts_per_step * r.num_generations
     _check(n_samples % t.updates_per_step == 0, "trainer.updates_per_step",
            f"must divide prompts_per_step * num_generations = {n_samples}", t.updates_per_step)

@@ -9,10 +9,16 @@ clipped-ratio loss and the mismatch metric) and from the reference model (KL).
 [b, S] (Megatron's pipeline schedule sends fixed-shape activations between
 stages), right-padded, with targets shifted by one and a loss mask that is 1
 exactly on the positions whose target is a completion token.
+
+`make_packed_micro_batches` does the same with several samples per row (first-fit
+decreasing into rows of a fixed length) and `segment_ids` that restrict attention
+to each sample's own tokens, so padding costs no compute. Rows are spread evenly
+over the micro-batches.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,7 +87,10 @@ class MicroBatch:
     ref_logprobs: Optional[torch.Tensor]
     """[b, S] float32 log-prob of the target under the reference model, or None."""
     sample_index: torch.Tensor
-    """[b] int64 index into the RolloutBatch, -1 for padding rows."""
+    """Index into the RolloutBatch, -1 for padding: [b] (one sample per row) or [b, S] per position (packed)."""
+    segment_ids: Optional[torch.Tensor] = None
+    """[b, S] int64 for packed rows: positions attend only to earlier positions of the same segment (one
+    segment per sample; a row's tail padding is one more). None: one sample per row, plain causal attention."""
 
     @property
     def num_tokens(self) -> int:
@@ -131,6 +140,90 @@ def make_micro_batches(batch: RolloutBatch, indices: range, rows: int, seq_len: 
         position_ids = torch.arange(seq_len, dtype=torch.long).unsqueeze(0).expand(rows, -1).contiguous()
         out.append(MicroBatch(tokens, position_ids, targets, loss_mask, adv, old_lp, ref_lp, sample_index))
     return out
+
+
+def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """First-fit decreasing: indices into `lengths` (tokens) grouped into rows of at most `row_len` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        if lengths[i] > row_len:
+            raise ValueError(f"a sample of {lengths[i]} tokens exceeds the packed row length {row_len}")
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - lengths[i])
+    return rows
+
+
+def packed_row_length(batch: RolloutBatch, token_budget: int, factor: int = 2, multiple_of: int = 8) -> int:
+    """Packed row length (tokens): `factor` x the longest sequence rounded up to `multiple_of`, at most the budget
+    (but never below the longest sequence)."""
+    longest = ((batch.max_seq_len() + multiple_of - 1) // multiple_of) * multiple_of
+    return max(longest, min(factor * longest, (token_budget // multiple_of) * multiple_of))
+
+
+def make_packed_micro_batches(batch: RolloutBatch, indices: range, token_budget: int,
+                              row_len: int) -> list[MicroBatch]:
+    """Pack samples `indices` into rows of `row_len` tokens, then into the fewest micro-batches of at most
+    `token_budget` tokens, all of the same shape [b, row_len] with b as even as possible."""
+    idx = list(indices)
+    if not idx:
+        return []
+    for i in idx:
+        if not batch.prompt_ids[i]:
+            raise ValueError(f"sample {i}: empty prompt (at least one token is needed to predict the first completion token)")
+    lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]
+    rows = [[idx[j] for j in row] for row in pack_rows(lengths, row_len)]
+    max_rows = max(1, token_budget // row_len)
+    num_micro = math.ceil(len(rows) / max_rows)
+    per_micro = math.ceil(len(rows) / num_micro)
+    out = []
+    for start in range(0, num_micro * per_micro, per_micro):
+        out.append(_packed_micro_batch(batch, rows[start : start + per_micro], per_micro, row_len))
+    return out
+
+
+def _packed_micro_batch(batch: RolloutBatch, rows: list[list[int]], num_rows: int, row_len: int) -> MicroBatch:
+    """One [num_rows, row_len] micro-batch from rows of sample indices (missing rows are padding)."""
+    tokens = torch.zeros(num_rows, row_len, dtype=torch.long)
+    targets = torch.zeros(num_rows, row_len, dtype=torch.long)
+    position_ids = torch.zeros(num_rows, row_len, dtype=torch.long)
+    segment_ids = torch.zeros(num_rows, row_len, dtype=torch.long)
+    loss_mask = torch.zeros(num_rows, row_len, dtype=torch.float32)
+    adv = torch.zeros(num_rows, row_len, dtype=torch.float32)
+    old_lp = torch.zeros(num_rows, row_len) if batch.rollout_logprobs is not None else None
+    ref_lp = torch.zeros(num_rows, row_len) if batch.ref_logprobs is not None else None
+    sample_index = torch.full((num_rows, row_len), -1, dtype=torch.long)
+    for r, samples in enumerate(rows):
+        off = 0
+        for seg, i in enumerate(samples):
+            p, c = batch.prompt_ids[i], batch.completion_ids[i]
+            n_p, n_c = len(p), len(c)
+            n = n_p + n_c
+            seq = torch.tensor(p + c, dtype=torch.long)
+            tokens[r, off : off + n] = seq
+            targets[r, off : off + n - 1] = seq[1:]
+            position_ids[r, off : off + n] = torch.arange(n)
+            segment_ids[r, off : off + n] = seg
+            sample_index[r, off : off + n] = i
+            # Position t predicts token t+1; completion token j sits at n_p + j, predicted from n_p + j - 1.
+            span = slice(off + n_p - 1, off + n_p - 1 + n_c)
+            loss_mask[r, span] = 1.0
+            adv[r, span] = float(batch.advantages[i])
+            if old_lp is not None:
+                old_lp[r, span] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
+            if ref_lp is not None:
+                ref_lp[r, span] = torch.tensor(batch.ref_logprobs[i], dtype=torch.float32)
+            off += n
+        segment_ids[r, off:] = len(samples)  # tail padding: a segment of its own
+        position_ids[r, off:] = torch.arange(row_len - off)
+    return MicroBatch(tokens, position_ids, targets, loss_mask, adv, old_lp, ref_lp, sample_index, segment_ids)
 
 
 def shard_indices(num_samples: int, rank: int, world: int) -> range:

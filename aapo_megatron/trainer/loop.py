@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from aapo_megatron.config import Config, ConfigError, dump_yaml
-from aapo_megatron.trainer.batch import RolloutBatch, make_micro_batches, micro_batch_shape, shard_indices
+from aapo_megatron.trainer.batch import RolloutBatch, shard_indices
 from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager
 from aapo_megatron.trainer.metrics import MetricsLogger, summary_table, write_plots
 from aapo_megatron.trainer.signals import StopRequest
@@ -323,16 +323,17 @@ class TrainingJob:
     def _updates(self, batch: RolloutBatch, num_updates: int, loss_name: str) -> list:
         """`num_updates` optimizer updates over consecutive mini-batches of `batch` (this DP rank's share)."""
         from aapo_megatron.trainer.losses import build_loss_fn
-        from aapo_megatron.trainer.train_step import run_update
+        from aapo_megatron.trainer.train_step import micro_batcher, run_update
 
-        rows, seq_len = micro_batch_shape(batch, self.cfg.trainer.micro_batch_tokens)
+        tcfg = self.cfg.trainer
+        micro_batches = micro_batcher(batch, tcfg.micro_batch_tokens, tcfg.pack_sequences, tcfg.pack_factor)
         per_update = len(batch) // num_updates
         results = []
         for u in range(num_updates):
             mini = range(u * per_update, (u + 1) * per_update)
             mine = shard_indices(len(mini), self.layout.dp_rank, self.layout.dp_size)
             indices = range(mini.start + mine.start, mini.start + mine.stop)
-            micro = make_micro_batches(batch, indices, rows, seq_len)
+            micro = micro_batches(indices)
             loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0))
             results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn,
                                       self.cfg.optim.clip_grad))

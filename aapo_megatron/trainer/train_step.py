@@ -18,7 +18,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from aapo_megatron.trainer.batch import MicroBatch
+from aapo_megatron.trainer.batch import (
+    MicroBatch,
+    RolloutBatch,
+    make_micro_batches,
+    make_packed_micro_batches,
+    micro_batch_shape,
+    packed_row_length,
+)
 from aapo_megatron.trainer.optim import UpdateResult, guarded_update
 
 # loss_fn(logits [b, S, V/tp], micro_batch, tp_group) -> (token-SUMMED loss (scalar), {name: token-summed metric});
@@ -43,6 +50,39 @@ class StepStats:
 def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     """[1, 1, S, S] bool, True = masked (Megatron's convention); right padding needs nothing more."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(diagonal=1)[None, None]
+
+
+def micro_batcher(batch: RolloutBatch, token_budget: int, pack: bool = True,
+                  pack_factor: int = 2) -> Callable[[range], list[MicroBatch]]:
+    """indices -> micro-batches of at most `token_budget` tokens, one shape per call, rows spread evenly.
+
+    pack=True packs samples into rows (`segment_ids`) on the local layer spec; with Transformer Engine, whose
+    attention ignores the mask (causal-only), rows hold one right-padded sample each.
+    """
+    from aapo_megatron.models.gpt import use_transformer_engine
+
+    if pack and not use_transformer_engine():
+        row_len = packed_row_length(batch, token_budget, pack_factor)
+        return lambda indices: make_packed_micro_batches(batch, indices, token_budget, row_len)
+    max_rows, seq_len = micro_batch_shape(batch, token_budget)
+
+    def padded(indices: range) -> list[MicroBatch]:
+        rows = math.ceil(len(indices) / math.ceil(len(indices) / max_rows)) if len(indices) else max_rows
+        return make_micro_batches(batch, indices, rows, seq_len)
+
+    return padded
+
+
+def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, S, S] bool, True = masked, from segment ids [b, S]: causal within a segment, nothing across.
+
+    Packed rows keep RoPE exact: Megatron rotates by the position in the row, and attention within a
+    segment depends only on position differences.
+    """
+    seq_len = segment_ids.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment_ids.device).tril()  # [S, S]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [b, S(q), S(k)]
+    return ~(same & causal).unsqueeze(1)
 
 
 def _device() -> torch.device:
@@ -70,7 +110,8 @@ def run_update(
         mb = next(data_iterator)
         tokens = mb.tokens.to(device, non_blocking=True)
         positions = mb.position_ids.to(device, non_blocking=True)
-        output = model(tokens, positions, mask)  # last stage: logits [b, S, V/tp]; else hidden states
+        attn_mask = mask if mb.segment_ids is None else segment_causal_mask(mb.segment_ids.to(device))
+        output = model(tokens, positions, attn_mask)  # last stage: logits [b, S, V/tp]; else hidden states
 
         def loss_func(logits: torch.Tensor):
             loss_sum, extra = loss_fn(logits, _to_device(mb, device), tp_group)

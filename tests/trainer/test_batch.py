@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from aapo_megatron.trainer.batch import RolloutBatch, make_micro_batches, micro_batch_shape, shard_indices
+from aapo_megatron.trainer.batch import (
+    RolloutBatch,
+    make_micro_batches,
+    make_packed_micro_batches,
+    micro_batch_shape,
+    pack_rows,
+    packed_row_length,
+    shard_indices,
+)
 
 
 def _batch():
@@ -35,6 +43,34 @@ def test_targets_and_masks_align():
     assert sum(m.num_tokens for m in mbs) == b.num_completion_tokens() == 6
 
 
+def test_packed_rows_keep_targets_masks_and_segments():
+    b = _batch()  # sequence lengths 5, 5, 2
+    assert packed_row_length(b, token_budget=64) == 16 and packed_row_length(b, token_budget=8) == 8
+    mbs = make_packed_micro_batches(b, range(3), token_budget=16, row_len=16)
+    assert len(mbs) == 1 and mbs[0].tokens.shape == (1, 16)
+    m = mbs[0]
+    assert m.tokens[0].tolist() == [1, 2, 3, 7, 8, 4, 5, 9, 10, 11, 6, 12, 0, 0, 0, 0]
+    assert m.segment_ids[0].tolist() == [0] * 5 + [1] * 5 + [2] * 2 + [3] * 4  # tail padding: its own segment
+    assert m.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3]
+    # A sample's last token predicts nothing (target 0, mask 0), never the next sample's first token.
+    assert m.targets[0, :12].tolist() == [2, 3, 7, 8, 0, 5, 9, 10, 11, 0, 12, 0]
+    assert m.loss_mask[0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1] + [0] * 5
+    assert m.advantages[0, 6:9].tolist() == [-1.0] * 3 and m.advantages[0, 10] == 2.0
+    assert m.rollout_logprobs[0, 6:9].tolist() == pytest.approx([-0.3, -0.4, -0.5])
+    assert m.sample_index[0].tolist() == [0] * 5 + [1] * 5 + [2] * 2 + [-1] * 4
+    assert m.num_tokens == b.num_completion_tokens() == 6
+
+
+def test_packed_micro_batches_spread_rows_evenly():
+    b = RolloutBatch([[1] * 3] * 7, [[2] * 5] * 7, torch.zeros(7))  # 7 samples of 8 tokens
+    # Budget 40 allows 5 rows of 8; 7 rows need 2 micro-batches, spread 4 + 4 (one padding row), not 5 + 5.
+    mbs = make_packed_micro_batches(b, range(7), token_budget=40, row_len=8)
+    assert [m.tokens.shape for m in mbs] == [(4, 8), (4, 8)]
+    assert sorted(int((m.sample_index >= 0).any(dim=1).sum()) for m in mbs) == [3, 4]
+    assert sum(m.num_tokens for m in mbs) == 35
+    assert pack_rows([5, 3, 8, 2, 6], 8) == [[2], [4, 3], [0, 1]]  # first-fit decreasing
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="advantages"):
         RolloutBatch([[1]], [[2]], torch.zeros(2))
@@ -44,6 +80,10 @@ def test_shape_errors():
         make_micro_batches(RolloutBatch([[]], [[2]], torch.zeros(1)), range(1), 1, 8)
     with pytest.raises(ValueError, match="exceed the micro-batch length 2"):
         make_micro_batches(_batch(), range(1), 1, 2)
+    with pytest.raises(ValueError, match="a sample of 5 tokens exceeds the packed row length 4"):
+        make_packed_micro_batches(_batch(), range(3), 16, 4)
+    with pytest.raises(ValueError, match="sample 0: empty prompt"):
+        make_packed_micro_batches(RolloutBatch([[]], [[2]], torch.zeros(1)), range(1), 8, 8)
 
 
 def test_shard_indices_cover_exactly_once():

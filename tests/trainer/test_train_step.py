@@ -21,7 +21,7 @@ def _batch():
     return RolloutBatch(prompts, completions, torch.randn(6, generator=g))
 
 
-def _train(rank, world, tp, pp, token_budget, loss_name, updates):
+def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False):
     from megatron.core import parallel_state as ps
 
     from aapo_megatron.config import OptimConfig, load_config
@@ -30,10 +30,10 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates):
     from aapo_megatron.models.gpt import build_policy
     from aapo_megatron.models.parallel import init_distributed, seed_everything
     from aapo_megatron.models.weights import gather_hf_state_dict, model_naming
-    from aapo_megatron.trainer.batch import make_micro_batches, micro_batch_shape, shard_indices
+    from aapo_megatron.trainer.batch import shard_indices
     from aapo_megatron.trainer.losses import build_loss_fn
     from aapo_megatron.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
-    from aapo_megatron.trainer.train_step import run_update
+    from aapo_megatron.trainer.train_step import micro_batcher, run_update
 
     cfg = load_config(None, [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
                              "model.scratch.vocab_size=64", "model.scratch.num_layers=2"])
@@ -53,16 +53,16 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates):
     opt = build_optimizer(chunks, optim, bf16=False, use_distributed_optimizer=False)
     sched = build_scheduler(opt, optim, 10)
     batch = _batch()
-    rows, seq = micro_batch_shape(batch, token_budget)
     idx = shard_indices(len(batch), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    micro = make_micro_batches(batch, idx, rows, seq)
+    micro = micro_batcher(batch, token_budget, pack=pack)(idx)
     stats = []
     for u in range(updates):
         loss_fn = build_loss_fn(loss_name, cfg.algorithm)
         s = run_update(chunks, opt, sched, micro, loss_fn, optim.clip_grad)
         stats.append((s.loss, s.update.grad_norm, s.num_tokens, s.update.applied, s.metrics.get("entropy")))
     weights = gather_hf_state_dict(model, mapping)
-    return {"stats": stats, "weights": weights if rank == 0 else None, "micro": len(micro)}
+    return {"stats": stats, "weights": weights if rank == 0 else None, "micro": len(micro),
+            "samples_per_row": max(int(m.segment_ids.max()) if m.segment_ids is not None else 1 for m in micro)}
 
 
 def _reference_loss():
@@ -126,6 +126,32 @@ def test_layouts_agree(baseline, world, tp, pp, budget):
         assert got[2] == want[2]  # token count of the step
     for name, w in baseline["weights"].items():
         torch.testing.assert_close(out[0]["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _assert_same_updates(got_run, want_run):
+    for got, want in zip(got_run["stats"], want_run["stats"]):
+        assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-6)  # loss
+        assert got[1] == pytest.approx(want[1], rel=1e-4)  # grad norm (pre-clip)
+        assert got[2] == want[2]  # token count of the step
+        assert got[4] == pytest.approx(want[4], rel=1e-5)  # entropy
+    for name, w in want_run["weights"].items():
+        torch.testing.assert_close(got_run["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("budget", [16, 4096])
+def test_packed_rows_match_padded_rows(baseline, budget):
+    """Several samples per row (attention kept within each sample): same losses, gradients and updates."""
+    out = run_ranks(_train, 1, args=(1, 1, budget, "aapo_ce", 2, True), env={"OMP_NUM_THREADS": "1"})[0]
+    assert out["samples_per_row"] >= 2
+    assert (out["micro"] > 1) == (budget == 16)
+    _assert_same_updates(out, baseline)
+
+
+@pytest.mark.slow
+def test_packed_rows_pipeline_parallel(baseline):
+    out = run_ranks(_train, 2, args=(1, 2, 16, "aapo_ce", 2, True), env={"OMP_NUM_THREADS": "1"})
+    assert out[0]["micro"] > 1 and out[0]["samples_per_row"] >= 2
+    _assert_same_updates(out[0], baseline)
 
 
 def test_grpo_clip_on_policy_and_sft(baseline):

@@ -53,7 +53,26 @@ def build_optimizer(model_chunks: list[DistributedDataParallel], cfg: OptimConfi
         clip_grad=0.0,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    if not torch.cuda.is_available():
+        use_fused_cpu_adam(optimizer)
+    return optimizer
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a Megatron (possibly chained) optimizer."""
+    chain = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [o.optimizer for o in chain if getattr(o, "optimizer", None) is not None]
+
+
+def use_fused_cpu_adam(optimizer) -> None:
+    """Switch torch Adam(W) (Megatron's fallback without TE/Apex) to its fused CPU kernel: one pass over
+    param, grad and both moments instead of ~6 per-parameter passes; the same update up to rounding."""
+    for opt in torch_optimizers(optimizer):
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in opt.param_groups:
+                group["foreach"], group["fused"] = False, True
+            opt.defaults.update(foreach=False, fused=True)
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_updates: int) -> OptimizerParamScheduler:

@@ -21,7 +21,7 @@ def _batch():
     return RolloutBatch(prompts, completions, torch.randn(6, generator=g))
 
 
-def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False):
+def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fused_adam=True):
     from megatron.core import parallel_state as ps
 
     from aapo_megatron.config import OptimConfig, load_config
@@ -52,6 +52,12 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False):
     optim = OptimConfig(lr=1e-2, clip_grad=0.5)
     opt = build_optimizer(chunks, optim, bf16=False, use_distributed_optimizer=False)
     sched = build_scheduler(opt, optim, 10)
+    from aapo_megatron.trainer.optim import torch_optimizers
+
+    groups = [g for o in torch_optimizers(opt) for g in o.param_groups]
+    if not fused_adam:  # torch's default single-tensor Adam, the reference for the fused CPU kernel
+        for g in groups:
+            g["fused"] = None
     batch = _batch()
     idx = shard_indices(len(batch), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     micro = micro_batcher(batch, token_budget, pack=pack)(idx)
@@ -62,7 +68,7 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False):
         stats.append((s.loss, s.update.grad_norm, s.num_tokens, s.update.applied, s.metrics.get("entropy")))
     weights = gather_hf_state_dict(model, mapping)
     return {"stats": stats, "weights": weights if rank == 0 else None, "micro": len(micro),
-            "samples_per_row": max(int(m.segment_ids.max()) if m.segment_ids is not None else 1 for m in micro)}
+            "fused": [g["fused"] for g in groups], "samples_per_row": max(int(m.segment_ids.max()) if m.segment_ids is not None else 1 for m in micro)}
 
 
 def _reference_loss():
@@ -136,6 +142,14 @@ def _assert_same_updates(got_run, want_run):
         assert got[4] == pytest.approx(want[4], rel=1e-5)  # entropy
     for name, w in want_run["weights"].items():
         torch.testing.assert_close(got_run["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_cpu_adam_matches_torch_default_adam(baseline):
+    assert baseline["fused"] and all(baseline["fused"])
+    out = run_ranks(_train, 1, args=(1, 1, 4096, "aapo_ce", 2, False, False), env={"OMP_NUM_THREADS": "1"})[0]
+    assert not any(out["fused"])
+    assert out["stats"][1][0] != pytest.approx(out["stats"][0][0], rel=1e-3)  # the first update moved the loss
+    _assert_same_updates(out, baseline)
 
 
 @pytest.mark.parametrize("budget", [16, 4096])

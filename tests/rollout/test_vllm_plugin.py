@@ -1,0 +1,88 @@
+"""The vLLM general plugin that stops idle vLLM-CPU engines from spinning (rollout/vllm_plugin.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aapo_megatron.rollout.engine import SamplingSpec
+from aapo_megatron.rollout.vllm_plugin import SPIN_ENV, idle_spin_seconds
+from tests.rollout.conftest import PROMPTS
+
+
+def test_spin_window_from_the_environment(monkeypatch):
+    monkeypatch.delenv(SPIN_ENV, raising=False)
+    assert idle_spin_seconds() == 0.002
+    monkeypatch.setenv(SPIN_ENV, "0.5")
+    assert idle_spin_seconds() == 0.5
+    monkeypatch.setenv(SPIN_ENV, "fast")
+    with pytest.raises(ValueError, match=r"AAPO_VLLM_IDLE_SPIN_S must be a number of seconds, got 'fast'"):
+        idle_spin_seconds()
+    monkeypatch.setenv(SPIN_ENV, "-1")
+    with pytest.raises(ValueError, match=r"must be >= 0 seconds"):
+        idle_spin_seconds()
+
+
+def test_vllm_loads_the_plugin_as_it_does_in_its_engine_processes():
+    """The entry point is installed: vLLM's own plugin loader (run in each engine-core and worker process)
+    caps the queue readers' spin, and a reader that spun for 1 s now spins for the configured window."""
+    code = (
+        "import zmq\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "from vllm.distributed.device_communicators.shm_broadcast import SpinCondition\n"
+        "from vllm.utils.network_utils import get_open_zmq_ipc_path\n"
+        "load_general_plugins()\n"
+        "ctx = zmq.Context()\n"
+        "addr = get_open_zmq_ipc_path()\n"
+        "writer = SpinCondition(is_reader=False, context=ctx, notify_address=addr)\n"
+        "reader = SpinCondition(is_reader=True, context=ctx, notify_address=addr)\n"
+        "assert reader.busy_loop_s == 1, reader.busy_loop_s\n"
+        "reader.wait(timeout_ms=0)\n"
+        "print(hasattr(SpinCondition.wait, '__wrapped__'), reader.busy_loop_s)\n"
+    )
+    env = dict(os.environ, **{SPIN_ENV: "0.25"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "0.25"]
+
+
+def _vllm_cpu_seconds() -> float:
+    """User + system CPU time of this process's vLLM engine-core and worker descendants, seconds."""
+    stats = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()  # fields[1] = ppid, [11], [12] = utime, stime
+        except OSError:
+            continue
+        stats[int(pid)] = (int(fields[1]), cmd.startswith(b"VLLM::"), int(fields[11]) + int(fields[12]))
+
+    def ours(pid: int) -> bool:
+        while pid in stats and pid > 1:
+            if stats[pid][0] == os.getpid():
+                return True
+            pid = stats[pid][0]
+        return False
+
+    ticks = sum(t for pid, (_, is_vllm, t) in stats.items() if is_vllm and ours(pid))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.slow
+def test_engine_goes_quiet_after_a_generate_call(policy_engine):
+    """Without the plugin each queue reader of the engine spins with sched_yield for 1 s after a call
+    (about 1 CPU-s per second here), taking the cores the train step needs."""
+    spec = SamplingSpec(n=4, temperature=1.0, max_tokens=16, seed=1)
+    burned = []
+    for _ in range(3):
+        policy_engine.generate(PROMPTS, spec)
+        c0 = _vllm_cpu_seconds()
+        time.sleep(1.0)
+        burned.append(_vllm_cpu_seconds() - c0)
+    assert min(burned) < 0.2, f"vLLM engine processes used {burned} CPU-s in the second after a generate call"

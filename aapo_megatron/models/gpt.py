@@ -35,7 +35,8 @@ def use_transformer_engine() -> bool:
 
 
 def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None):
-    """Megatron ModuleSpec of one transformer layer: TE spec with CUDA + TE, local spec otherwise."""
+    """Megatron ModuleSpec of one transformer layer: TE spec with CUDA + TE, otherwise the local spec with
+    torch SDPA as its core attention (models/attention.py)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -45,7 +46,11 @@ def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None):
         use_te = use_transformer_engine()
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
-    return get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    from aapo_megatron.models.attention import SDPADotProductAttention
+
+    layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention  # fused torch SDPA
+    return layer
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:

@@ -11,11 +11,14 @@ call runs wholly on one weight version, which `GenerationResult.weight_version` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 
@@ -49,6 +52,21 @@ def resolve_dtype(dtype: str) -> str:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown rollout dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
     return dtype
+
+
+@contextlib.contextmanager
+def _scoped_env(**values: Optional[str]) -> Iterator[None]:
+    """Set the given environment variables (None = leave as is) for the duration of the block."""
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
 
 
 def cpu_scheduler_kwargs(max_model_len: Optional[int], hf_config: dict) -> dict[str, Any]:
@@ -152,17 +170,15 @@ class VLLMRolloutEngine(RolloutEngine):
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         kwargs.update(llm_kwargs)
         t0 = time.perf_counter()
-        # The engine-core process reads its CPU binding from the environment when it starts; set it only for that.
-        saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-        if cpu_threads_bind is not None:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads_bind
+        # vLLM's processes read these from the environment when they start; set them only for that.
+        # Their ZMQ socket files go to a directory of this engine's, removed by close().
+        self._ipc_dir = None if "VLLM_RPC_BASE_PATH" in os.environ else tempfile.mkdtemp(prefix="aapo-vllm-ipc-")
         try:
-            self.llm = LLM(**kwargs)
-        finally:
-            if saved is None:
-                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-            else:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
+            with _scoped_env(VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind, VLLM_RPC_BASE_PATH=self._ipc_dir):
+                self.llm = LLM(**kwargs)
+        except BaseException:
+            self._remove_ipc_dir()
+            raise
         self.cpu_threads_bind = cpu_threads_bind
         self.startup_seconds = time.perf_counter() - t0
 
@@ -328,6 +344,12 @@ class VLLMRolloutEngine(RolloutEngine):
             self._slots.close()
             self._slots = None
         self.llm = None
+        self._remove_ipc_dir()
+
+    def _remove_ipc_dir(self) -> None:
+        if getattr(self, "_ipc_dir", None) is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
 
 
 def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, max_prompt_tokens: Optional[int] = None,

@@ -210,3 +210,29 @@ def test_background_job_hands_its_exception_to_the_caller():
 
     with pytest.raises(RuntimeError, match="reference engine exploded"):
         in_background(boom).result(timeout=10)
+
+
+def test_engine_keeps_its_socket_files_in_its_own_directory_and_removes_it(model_dirs):
+    """vLLM names a ZMQ socket file per queue in the temp dir and never removes them; ours go to a directory
+    of the engine's own, removed on close."""
+    import re
+    import tempfile
+
+    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
+
+    tmp = tempfile.gettempdir()
+    uuid_name = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    before = {n for n in os.listdir(tmp) if uuid_name.match(n)}
+    engine = VLLMRolloutEngine(model_dirs[0]["a"], role="reference", dtype="float32", kv_cache_bytes=32 << 20,
+                               max_model_len=64)
+    try:
+        ipc_dir = engine._ipc_dir
+        assert ipc_dir is not None and os.path.dirname(ipc_dir) == tmp
+        assert any(uuid_name.match(n) for n in os.listdir(ipc_dir)), "vLLM's socket files should be in the engine's dir"
+        assert "VLLM_RPC_BASE_PATH" not in os.environ, "the process environment must be left as it was"
+        engine.generate(PROMPTS[:1], SamplingSpec(max_tokens=2))
+    finally:
+        engine.close()
+    assert not os.path.exists(ipc_dir)
+    created = {n for n in os.listdir(tmp) if uuid_name.match(n)} - before
+    assert not created, f"socket files left in {tmp}: {sorted(created)[:3]}"

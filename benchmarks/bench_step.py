@@ -1,10 +1,21 @@
 """RL step-time breakdown and tokens/s of the quickstart model, measured from a real `aapo-train` run.
 
     .venv/bin/python benchmarks/bench_step.py [--steps 6] [--tp 1] [--keep DIR]
+    .venv/bin/python benchmarks/bench_step.py --train-phase [--rounds 5] [--set model.scratch.hidden_size=512 ...]
 
 Runs the quickstart config (short SFT warm start, then `--steps` AAPO steps) and reports, from the run's
 metrics.jsonl, the median over steps 2.. (step 1 includes engine warm-up) of each phase and its share
 of the step.
+
+--train-phase times only the Megatron update (fwd/bwd over all micro-batches + Adam) in one process, no
+engines, on a synthetic batch of the config's shape (prompts_per_step x num_generations samples, prompts of
+20-40 tokens, completions of max_new_tokens for 3 in 4 samples, shorter for the rest). Each variant has its
+own model and optimizer (same init, same batch) and the variants run interleaved, round after round:
+  padded     one sample per row, rows = micro_batch_tokens // longest (the trainer before packing)
+  balanced   one sample per row, rows spread evenly over the micro-batches
+  packed     several samples per row (trainer.pack_sequences), Megatron's attention, torch's default Adam
+  +sdpa      packed, torch SDPA core attention (models/attention.py)
+  +fused     packed, SDPA, fused CPU Adam: the trainer's default
 """
 
 from __future__ import annotations
@@ -28,7 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (runs torchrun when > 1)")
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temporary one)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra aapo-train overrides")
+    ap.add_argument("--train-phase", action="store_true", help="time the train phase alone, A/B over the optimisations")
+    ap.add_argument("--rounds", type=int, default=5, help="--train-phase: interleaved rounds per variant")
+    ap.add_argument("--variants", default="padded,balanced,packed,+sdpa,+fused", help="--train-phase: which variants")
     args = ap.parse_args(argv)
+    if args.train_phase:
+        return train_phase(args.overrides, args.rounds, args.variants.split(","))
 
     from aapo_megatron.trainer.metrics import read_metrics
 
@@ -69,6 +85,98 @@ def main(argv=None) -> int:
     tok = statistics.median(r["tokens_per_s"] for r in records)
     gen = statistics.median(r["rollout/tokens"] for r in records)
     print(f"\ngenerated policy tokens per step: {gen:.0f}   end-to-end tokens/s: {tok:.1f}")
+    return 0
+
+
+# variant -> (rows layout, SDPA attention, fused CPU Adam)
+VARIANTS = {"padded": ("padded", False, False), "balanced": ("balanced", False, False),
+            "packed": ("packed", False, False), "+sdpa": ("packed", True, False), "+fused": ("packed", True, True)}
+
+
+def _synthetic_batch(cfg, vocab: int, seed: int = 0):
+    import random
+
+    import torch
+
+    from aapo_megatron.trainer.batch import RolloutBatch
+
+    rng = random.Random(seed)
+    n, new = cfg.data.prompts_per_step * cfg.rollout.num_generations, cfg.rollout.max_new_tokens
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randrange(20, 41))] for _ in range(n)]
+    lengths = [new if rng.random() < 0.75 else rng.randrange(max(1, new // 3), new + 1) for _ in range(n)]
+    comps = [[rng.randrange(3, vocab) for _ in range(k)] for k in lengths]
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    return RolloutBatch(prompts, comps, adv, rollout_logprobs=[[-1.0] * len(c) for c in comps])
+
+
+def train_phase(overrides: list[str], rounds: int, variants: list[str]) -> int:
+    """Interleaved A/B of the train-phase optimisations (see the module docstring); prints medians and ratios."""
+    import time
+
+    import torch
+
+    from aapo_megatron.config import load_config
+    from aapo_megatron.models.arch import ArchSpec
+    from aapo_megatron.models.gpt import build_policy
+    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.trainer.batch import make_micro_batches, micro_batch_shape
+    from aapo_megatron.trainer.losses import build_loss_fn
+    from aapo_megatron.trainer.optim import build_optimizer, build_scheduler, torch_optimizers, wrap_ddp
+    from aapo_megatron.trainer.train_step import micro_batcher, run_update
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart_cpu.yaml"), overrides)
+    init_distributed(cfg)
+    vocab = cfg.model.scratch.vocab_size
+    spec = ArchSpec.from_scratch(cfg.model.scratch)
+    batch = _synthetic_batch(cfg, vocab)
+    budget = cfg.trainer.micro_batch_tokens
+    loss_fn = build_loss_fn("aapo_ce", cfg.algorithm, track_mismatch=True, on_policy=True)
+    n = len(batch)
+    real = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
+    print(f"model H={spec.hidden_size} L={spec.num_layers}, {n} samples, {real} real tokens, "
+          f"micro_batch_tokens={budget}, torch threads {torch.get_num_threads()}")
+    setups = {}
+    for v in variants:
+        layout, sdpa, fused = VARIANTS[v]
+        seed_everything(cfg.trainer.seed)
+        model = build_policy(spec, dtype="float32", sdpa_attention=sdpa)
+        chunks = wrap_ddp([model], use_distributed_optimizer=False)
+        opt = build_optimizer(chunks, cfg.optim, bf16=False, use_distributed_optimizer=False)
+        if not fused:
+            for group in (g for o in torch_optimizers(opt) for g in o.param_groups):
+                group["fused"] = None
+        if layout == "padded":
+            rows, seq = micro_batch_shape(batch, budget)
+            micro = make_micro_batches(batch, range(n), rows, seq)
+        else:
+            micro = micro_batcher(batch, budget, pack=layout == "packed", pack_factor=cfg.trainer.pack_factor)(range(n))
+        computed = sum(m.tokens.numel() for m in micro)
+        print(f"  {v:<9} {len(micro)} micro-batches of {tuple(micro[0].tokens.shape)}, {computed} tokens computed "
+              f"({computed / real:.2f}x the real ones)")
+        setups[v] = (chunks, opt, build_scheduler(opt, cfg.optim, 10 * (rounds + 1)), micro)
+        run_update(chunks, opt, setups[v][2], micro, loss_fn, cfg.optim.clip_grad)  # warm-up
+    times = {v: [] for v in variants}
+    losses = {v: [] for v in variants}
+    load = [os.getloadavg()[0]]
+    for _ in range(rounds):
+        for v in variants:
+            chunks, opt, sched, micro = setups[v]
+            t0 = time.perf_counter()
+            stats = run_update(chunks, opt, sched, micro, loss_fn, cfg.optim.clip_grad)
+            times[v].append(time.perf_counter() - t0)
+            losses[v].append(stats.loss)
+        load.append(os.getloadavg()[0])
+    ref = statistics.median(times[variants[0]])
+    print(f"\ntrain phase (one update), {rounds} interleaved rounds, load average {min(load):.1f}-{max(load):.1f}")
+    print(f"{'variant':<10}{'median s':>10}{'min s':>9}{'vs ' + variants[0]:>12}   loss of rounds 1-3")
+    for v in variants:
+        med = statistics.median(times[v])
+        print(f"{v:<10}{med:>10.3f}{min(times[v]):>9.3f}{med / ref:>12.2f}   "
+              + " ".join(f"{x:.6f}" for x in losses[v][:3]))
     return 0
 
 

@@ -34,9 +34,9 @@ def use_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None):
+def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None, sdpa_attention: bool = True):
     """Megatron ModuleSpec of one transformer layer: TE spec with CUDA + TE, otherwise the local spec with
-    torch SDPA as its core attention (models/attention.py)."""
+    torch SDPA as its core attention (models/attention.py; sdpa_attention=False keeps Megatron's)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -49,7 +49,8 @@ def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None):
     from aapo_megatron.models.attention import SDPADotProductAttention
 
     layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
-    layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention  # fused torch SDPA
+    if sdpa_attention:
+        layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention  # fused torch SDPA
     return layer
 
 
@@ -143,6 +144,7 @@ def build_gpt_model(
     use_te: Optional[bool] = None,
     parallel_output: bool = True,
     config=None,
+    sdpa_attention: bool = True,
 ):
     """This rank's GPTModel (its TP shard and PP stage; pre/post-process default from parallel_state)."""
     from megatron.core import parallel_state as ps
@@ -164,7 +166,7 @@ def build_gpt_model(
         config = transformer_config(spec, tp, pp, dtype)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, use_te),
+        transformer_layer_spec=layer_spec(spec, use_te, sdpa_attention),
         vocab_size=spec.padded_vocab_size(tp),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,

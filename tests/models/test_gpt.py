@@ -60,6 +60,8 @@ def test_layer_spec_is_local_without_cuda():
     attn = ls.submodules.self_attention.submodules
     assert attn.linear_qkv.__name__ == "ColumnParallelLinear"  # not TELayerNormColumnParallelLinear
     assert ls.submodules.input_layernorm.__name__ != "IdentityOp"  # the norm is a separate module
+    assert attn.core_attention.__name__ == "SDPADotProductAttention"
+    assert layer_spec(spec, sdpa_attention=False).submodules.self_attention.submodules.core_attention.__name__ == "DotProductAttention"
 
 
 def test_llama3_inv_freq_matches_hf():

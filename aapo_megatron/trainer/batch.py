@@ -190,40 +190,48 @@ def make_packed_micro_batches(batch: RolloutBatch, indices: range, token_budget:
 
 
 def _packed_micro_batch(batch: RolloutBatch, rows: list[list[int]], num_rows: int, row_len: int) -> MicroBatch:
-    """One [num_rows, row_len] micro-batch from rows of sample indices (missing rows are padding)."""
-    tokens = torch.zeros(num_rows, row_len, dtype=torch.long)
-    targets = torch.zeros(num_rows, row_len, dtype=torch.long)
-    position_ids = torch.zeros(num_rows, row_len, dtype=torch.long)
-    segment_ids = torch.zeros(num_rows, row_len, dtype=torch.long)
-    loss_mask = torch.zeros(num_rows, row_len, dtype=torch.float32)
-    adv = torch.zeros(num_rows, row_len, dtype=torch.float32)
-    old_lp = torch.zeros(num_rows, row_len) if batch.rollout_logprobs is not None else None
-    ref_lp = torch.zeros(num_rows, row_len) if batch.ref_logprobs is not None else None
-    sample_index = torch.full((num_rows, row_len), -1, dtype=torch.long)
-    for r, samples in enumerate(rows):
-        off = 0
+    """One [num_rows, row_len] micro-batch from rows of sample indices (missing rows are padding).
+
+    Built as flat Python lists and converted once per field (a per-sample tensor op costs more than the copy).
+    """
+    advantages = batch.advantages.tolist()
+    fields = ("tokens", "targets", "position_ids", "segment_ids", "sample_index", "loss_mask", "advantages",
+              "rollout_logprobs", "ref_logprobs")
+    cols: dict[str, list] = {f: [] for f in fields}  # flat, row after row
+    for r in range(num_rows):
+        row = {f: [] for f in fields}
+        samples = rows[r] if r < len(rows) else []
         for seg, i in enumerate(samples):
             p, c = batch.prompt_ids[i], batch.completion_ids[i]
             n_p, n_c = len(p), len(c)
             n = n_p + n_c
-            seq = torch.tensor(p + c, dtype=torch.long)
-            tokens[r, off : off + n] = seq
-            targets[r, off : off + n - 1] = seq[1:]
-            position_ids[r, off : off + n] = torch.arange(n)
-            segment_ids[r, off : off + n] = seg
-            sample_index[r, off : off + n] = i
-            # Position t predicts token t+1; completion token j sits at n_p + j, predicted from n_p + j - 1.
-            span = slice(off + n_p - 1, off + n_p - 1 + n_c)
-            loss_mask[r, span] = 1.0
-            adv[r, span] = float(batch.advantages[i])
-            if old_lp is not None:
-                old_lp[r, span] = torch.tensor(batch.rollout_logprobs[i], dtype=torch.float32)
-            if ref_lp is not None:
-                ref_lp[r, span] = torch.tensor(batch.ref_logprobs[i], dtype=torch.float32)
-            off += n
-        segment_ids[r, off:] = len(samples)  # tail padding: a segment of its own
-        position_ids[r, off:] = torch.arange(row_len - off)
-    return MicroBatch(tokens, position_ids, targets, loss_mask, adv, old_lp, ref_lp, sample_index, segment_ids)
+            # Position t predicts token t+1; completion token j sits at n_p + j, predicted from n_p + j - 1;
+            # the sample's last position predicts nothing (never the next sample's first token).
+            row["tokens"] += p + c
+            row["targets"] += p[1:] + c + [0]
+            row["position_ids"] += range(n)
+            row["segment_ids"] += [seg] * n
+            row["sample_index"] += [i] * n
+            row["loss_mask"] += [0.0] * (n_p - 1) + [1.0] * n_c + [0.0]
+            row["advantages"] += [0.0] * (n_p - 1) + [advantages[i]] * n_c + [0.0]
+            for name in ("rollout_logprobs", "ref_logprobs"):
+                lps = getattr(batch, name)
+                if lps is not None:
+                    row[name] += [0.0] * (n_p - 1) + list(lps[i]) + [0.0]
+        tail = row_len - len(row["tokens"])
+        pad = {"position_ids": list(range(tail)), "segment_ids": [len(samples)] * tail,  # tail: its own segment
+               "sample_index": [-1] * tail}
+        for f in fields:
+            cols[f] += row[f] + pad.get(f, [0] * tail)
+
+    def as_tensor(f: str, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(cols[f], dtype=dtype).view(num_rows, row_len)
+
+    long = {f: as_tensor(f, torch.long) for f in fields[:5]}
+    flt = {f: as_tensor(f, torch.float32) for f in fields[5:7]}
+    lps = {f: as_tensor(f, torch.float32) if getattr(batch, f) is not None else None for f in fields[7:]}
+    return MicroBatch(long["tokens"], long["position_ids"], long["targets"], flt["loss_mask"], flt["advantages"],
+                      lps["rollout_logprobs"], lps["ref_logprobs"], long["sample_index"], long["segment_ids"])
 
 
 def shard_indices(num_samples: int, rank: int, world: int) -> range:

@@ -263,7 +263,8 @@ class TrainerConfig:
     """Pack several samples into each micro-batch row, attention kept within each sample, so padding costs
     no compute. Local layer spec (CPU) only: Transformer Engine's attention is causal-only, so TE runs pad."""
     pack_factor: int = 2
-    """Packed row length: this many times the step's longest sequence (at most micro_batch_tokens)."""
+    """Longest packed row: this many times the step's longest sequence (at most micro_batch_tokens); the row
+    length computing the fewest tokens among 1..pack_factor times is used."""
     seed: int = 1234
     """Global seed."""
     eval_every: int = 0

@@ -168,6 +168,29 @@ def packed_row_length(batch: RolloutBatch, token_budget: int, factor: int = 2, m
     return max(longest, min(factor * longest, (token_budget // multiple_of) * multiple_of))
 
 
+def _packed_layout(lengths: list[int], token_budget: int, row_len: int) -> tuple[list[list[int]], int, int]:
+    """(rows of positions into `lengths`, micro-batch count, rows per micro-batch) for packed rows of `row_len`."""
+    rows = pack_rows(lengths, row_len)
+    max_rows = max(1, token_budget // row_len)
+    num_micro = math.ceil(len(rows) / max_rows)
+    return rows, num_micro, math.ceil(len(rows) / num_micro)
+
+
+def choose_row_length(batch: RolloutBatch, indices: range, token_budget: int, max_factor: int = 2) -> int:
+    """Packed row length for samples `indices`: of 1..max_factor x the longest sequence (`packed_row_length`), the
+    one computing the fewest tokens; within 2% of that, the shortest (attention cost grows with the row)."""
+    lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in indices]
+    options = sorted({packed_row_length(batch, token_budget, f) for f in range(1, max_factor + 1)})
+    if not lengths:
+        return options[0]
+    computed = {}
+    for row_len in options:
+        _, num_micro, per_micro = _packed_layout(lengths, token_budget, row_len)
+        computed[row_len] = num_micro * per_micro * row_len
+    fewest = min(computed.values())
+    return next(r for r in options if computed[r] <= 1.02 * fewest)
+
+
 def make_packed_micro_batches(batch: RolloutBatch, indices: range, token_budget: int,
                               row_len: int) -> list[MicroBatch]:
     """Pack samples `indices` into rows of `row_len` tokens, then into the fewest micro-batches of at most
@@ -179,14 +202,10 @@ def make_packed_micro_batches(batch: RolloutBatch, indices: range, token_budget:
         if not batch.prompt_ids[i]:
             raise ValueError(f"sample {i}: empty prompt (at least one token is needed to predict the first completion token)")
     lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in idx]
-    rows = [[idx[j] for j in row] for row in pack_rows(lengths, row_len)]
-    max_rows = max(1, token_budget // row_len)
-    num_micro = math.ceil(len(rows) / max_rows)
-    per_micro = math.ceil(len(rows) / num_micro)
-    out = []
-    for start in range(0, num_micro * per_micro, per_micro):
-        out.append(_packed_micro_batch(batch, rows[start : start + per_micro], per_micro, row_len))
-    return out
+    positions, num_micro, per_micro = _packed_layout(lengths, token_budget, row_len)
+    rows = [[idx[j] for j in row] for row in positions]
+    return [_packed_micro_batch(batch, rows[start : start + per_micro], per_micro, row_len)
+            for start in range(0, num_micro * per_micro, per_micro)]
 
 
 def _packed_micro_batch(batch: RolloutBatch, rows: list[list[int]], num_rows: int, row_len: int) -> MicroBatch:

@@ -22,9 +22,9 @@ from aapo_megatron.trainer.batch import (
     MicroBatch,
     RolloutBatch,
     make_micro_batches,
+    choose_row_length,
     make_packed_micro_batches,
     micro_batch_shape,
-    packed_row_length,
 )
 from aapo_megatron.trainer.optim import UpdateResult, guarded_update
 
@@ -56,14 +56,18 @@ def micro_batcher(batch: RolloutBatch, token_budget: int, pack: bool = True,
                   pack_factor: int = 2) -> Callable[[range], list[MicroBatch]]:
     """indices -> micro-batches of at most `token_budget` tokens, one shape per call, rows spread evenly.
 
-    pack=True packs samples into rows (`segment_ids`) on the local layer spec; with Transformer Engine, whose
+    pack=True packs samples into rows (`segment_ids`) of up to pack_factor x the longest sequence, the length
+    computing the fewest tokens (`choose_row_length`), on the local layer spec; with Transformer Engine, whose
     attention ignores the mask (causal-only), rows hold one right-padded sample each.
     """
     from aapo_megatron.models.gpt import use_transformer_engine
 
     if pack and not use_transformer_engine():
-        row_len = packed_row_length(batch, token_budget, pack_factor)
-        return lambda indices: make_packed_micro_batches(batch, indices, token_budget, row_len)
+        def packed(indices: range) -> list[MicroBatch]:
+            row_len = choose_row_length(batch, indices, token_budget, pack_factor)
+            return make_packed_micro_batches(batch, indices, token_budget, row_len)
+
+        return packed
     max_rows, seq_len = micro_batch_shape(batch, token_budget)
 
     def padded(indices: range) -> list[MicroBatch]:

@@ -6,6 +6,7 @@ import torch
 from aapo_megatron.trainer.batch import (
     RolloutBatch,
     make_micro_batches,
+    choose_row_length,
     make_packed_micro_batches,
     micro_batch_shape,
     pack_rows,
@@ -69,6 +70,17 @@ def test_packed_micro_batches_spread_rows_evenly():
     assert sorted(int((m.sample_index >= 0).any(dim=1).sum()) for m in mbs) == [3, 4]
     assert sum(m.num_tokens for m in mbs) == 35
     assert pack_rows([5, 3, 8, 2, 6], 8) == [[2], [4, 3], [0, 1]]  # first-fit decreasing
+
+
+def test_row_length_computing_fewest_tokens():
+    # Eight samples of 5 tokens and one of 8: rows of 8 hold one sample each (9 x 8 = 72 tokens computed),
+    # rows of 16 hold [8, 5], [5, 5, 5], [5, 5, 5] (3 x 16 = 48).
+    short = RolloutBatch([[1, 2]] * 9, [[3] * 3] * 8 + [[3] * 6], torch.zeros(9))
+    assert choose_row_length(short, range(9), token_budget=1024, max_factor=1) == 8
+    assert choose_row_length(short, range(9), token_budget=1024, max_factor=2) == 16
+    # Samples near the longest length fill rows of 1x and 2x alike: the shorter row wins (cheaper attention).
+    even = RolloutBatch([[1] * 4] * 6, [[2] * 4] * 6, torch.zeros(6))
+    assert choose_row_length(even, range(6), token_budget=1024, max_factor=3) == 8
 
 
 def test_shape_errors():

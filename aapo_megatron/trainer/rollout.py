@@ -93,9 +93,9 @@ class RolloutCollector:
         self.estimator = build_advantage_estimator(cfg.algorithm)
 
     # ------------------------------------------------------------------ generation
-    def _reference_groups(self, prompts: Sequence[Any], step: int, timings: dict
-                          ) -> tuple[list[list[Completion]], dict[str, float]]:
-        """G reference completions per prompt (fresh from the frozen engine, or from the cache), and `timings`."""
+    def _reference_groups(self, prompts: Sequence[Any], step: int) -> tuple[list[list[Completion]], dict[str, float]]:
+        """G reference completions per prompt (fresh from the frozen engine, or from the cache), and their timings."""
+        timings: dict[str, float] = {}
         G = self.cfg.rollout.num_generations
         spec = sampling_spec(self.cfg, step_seed(self.cfg.rollout.seed, step, _REFERENCE_STREAM), n=G,
                              stop_token_ids=[self.eos])
@@ -120,7 +120,7 @@ class RolloutCollector:
         spec = sampling_spec(cfg, step_seed(cfg.rollout.seed, step, _POLICY_STREAM), stop_token_ids=[self.eos])
         needs_reference = self.estimator.uses_reference
         # The reference responses depend only on the prompts, so they can be sampled while the policy samples.
-        ref_job = (in_background(self._reference_groups, prompts, step, {})
+        ref_job = (in_background(self._reference_groups, prompts, step)
                    if needs_reference and cfg.rollout.overlap_reference else None)
         try:
             policy_out = _generate(self.policy, "policy", [p.input_ids for p in prompts], spec)
@@ -131,14 +131,13 @@ class RolloutCollector:
         metrics["time/rollout"] = time.perf_counter() - t0
         metrics["rollout/weight_version"] = float(policy_out.weight_version)
         policy = flatten(policy_out.completions)  # [B*G]
+        reference: list[Completion] = []
+        if needs_reference:
+            ref_groups, ref_timings = ref_job.result() if ref_job is not None else self._reference_groups(prompts, step)
+            metrics.update(ref_timings)
+            reference = flatten(ref_groups)
         if ref_job is not None:
-            ref_groups, ref_timings = ref_job.result()
-            metrics.update(ref_timings)
             metrics["time/generate"] = time.perf_counter() - t0  # both engines, overlapped
-        elif needs_reference:
-            ref_groups, ref_timings = self._reference_groups(prompts, step, {})
-            metrics.update(ref_timings)
-        reference = flatten(ref_groups) if needs_reference else []
 
         samples = [p.reward_sample() for p in prompts for _ in range(G)]
         t0 = time.perf_counter()

@@ -145,12 +145,16 @@ class RolloutConfig:
     """Base URL of the reference rollout server when placement=server."""
     token_env: str = "AAPO_ROLLOUT_TOKEN"
     """Environment variable holding the bearer token for the rollout server."""
+    server_weight_dir: Optional[str] = None
+    """placement=server: directory for weight-sync bucket files that the policy server can read (a shared filesystem when it runs on another host). None = /dev/shm, for servers on this host."""
     weight_sync_bucket_mb: int = 512
     """Weight sync bucket size, MiB."""
     weight_sync_timeout_s: float = 600.0
     """A weight sync stage that takes longer than this fails with an error naming the stage, seconds."""
     overlap_reference: bool = True
     """Generate the reference responses at the same time as the policy's (two engines). On CPU the colocated engines then get disjoint halves of the cores; false runs them one after the other on vLLM's default binding."""
+    prefetch_reference: Literal["auto", "always", "never"] = "auto"
+    """While a step trains, sample the next step's reference responses (AAPO). The reference is frozen and the next prompts and seed are known, so the samples are the ones the next step would draw. auto = when the reference engine has its own machine (placement=server); colocated on CPU it would take cores from the train step."""
 
 
 @dataclass

@@ -30,7 +30,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PHASES = ("time/rollout", "time/reference", "time/reward", "time/train", "time/sync")
+# The phases a step is made of, one after the other (their shares add up to the step, with "other").
+PHASES = ("time/generate", "time/reward", "time/advantage", "time/train", "time/sync")
+# Inside "generate": each engine's own time. They overlap each other, and the reference's may also overlap the
+# previous step's train phase (rollout.prefetch_reference), so they do not add up.
+GENERATE_PARTS = ("time/rollout", "time/reference", "time/reference_wait")
 
 
 def main(argv=None) -> int:
@@ -75,13 +79,22 @@ def main(argv=None) -> int:
         return 1
     step = statistics.median(r["time/step"] for r in records)
     print(f"\nquickstart model, TP={args.tp}, median over steps 2..{args.steps}")
-    print(f"{'phase':<16}{'seconds':>10}{'share':>9}")
+    print(f"{'phase':<20}{'seconds':>10}{'share':>9}")
+    medians = {key: statistics.median(r[key] for r in records if key in r)
+               for key in PHASES + GENERATE_PARTS if any(key in r for r in records)}
     for key in PHASES:
-        vals = [r[key] for r in records if key in r]
-        if vals:
-            med = statistics.median(vals)
-            print(f"{key[5:]:<16}{med:>10.3f}{med / step:>9.1%}")
-    print(f"{'step':<16}{step:>10.3f}{1:>9.0%}")
+        if key in medians:
+            print(f"{key[5:]:<20}{medians[key]:>10.3f}{medians[key] / step:>9.1%}")
+        if key == "time/generate":
+            for part in GENERATE_PARTS:
+                if part in medians:
+                    print(f"  {part[5:]:<18}{medians[part]:>10.3f}")
+    other = step - sum(medians.get(k, 0.0) for k in PHASES)
+    print(f"{'other':<20}{other:>10.3f}{other / step:>9.1%}")
+    print(f"{'step':<20}{step:>10.3f}{1:>9.0%}")
+    prefetched = [r["reference/prefetched"] for r in records if "reference/prefetched" in r]
+    if prefetched:
+        print(f"reference samples prefetched during the previous step: {sum(prefetched):.0f}/{len(prefetched)} steps")
     tok = statistics.median(r["tokens_per_s"] for r in records)
     gen = statistics.median(r["rollout/tokens"] for r in records)
     print(f"\ngenerated policy tokens per step: {gen:.0f}   end-to-end tokens/s: {tok:.1f}")

@@ -17,7 +17,8 @@ The first --warmup steps of every run (engine and allocator warm-up) are left ou
 start-up (vLLM engines, model load) is reported separately as the run's wall time. Tokens/s counts the
 policy's generated tokens (up to and including the first EOS) per second of step time. `--algorithms`
 picks our variants: aapo (the product: policy + frozen-reference rollouts each step) and grpo (the same
-work as TRL's GRPO: no reference rollouts).
+work as TRL's GRPO: no reference rollouts). `--variant LABEL=ALGO[:KEY=VALUE...]` adds one of ours with its own
+overrides, interleaved with the others, e.g. `--variant aapo-noprefetch=aapo:rollout.prefetch_reference=false`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ DEFAULT_TRL_PYTHON = os.path.join(ROOT, ".venv-trl", "bin", "python")
 TRL_DRIVER = os.path.join(ROOT, "benchmarks", "trl_driver.py")
 SETUP_HINT = "create it with `bash benchmarks/setup_trl_env.sh` (or pass --trl-python PATH)"
 OUR_ALGORITHMS = ("aapo", "grpo")
-PHASES = ("time/rollout", "time/reference", "time/reward", "time/train", "time/sync")
+# generate = the generation phase's wall time; rollout / reference = each engine's own time inside or (reference
+# prefetch) before it; reference_wait = how long the step waited for the reference after the policy finished.
+PHASES = ("time/generate", "time/rollout", "time/reference", "time/reference_wait", "time/reward", "time/train",
+          "time/sync")
 TARGET_RATIO = 0.5  # issue 11: our step time at most 0.5x TRL's
 
 
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="OMP_NUM_THREADS for both sides (default: min(2, cores))")
     ap.add_argument("--algorithms", default=",".join(OUR_ALGORITHMS),
                     help=f"our variants to run, comma-separated from {', '.join(OUR_ALGORITHMS)} (default: both)")
+    ap.add_argument("--variant", dest="variants", action="append", default=[], metavar="LABEL=ALGO[:KEY=VALUE...]",
+                    help="another of our runs with its own overrides (repeatable), reported as ours-LABEL")
     ap.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON, help="python of the TRL environment (default .venv-trl)")
     ap.add_argument("--config", default=QUICKSTART, help="base config (default configs/quickstart_cpu.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -112,6 +118,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not algos or unknown:
         ap.error(f"--algorithms must name one or more of {', '.join(OUR_ALGORITHMS)}, got {args.algorithms!r}")
     args.algorithms = list(dict.fromkeys(algos))
+    # Every one of our runs: (label, algorithm, overrides of that run only).
+    args.ours = [(a, a, []) for a in args.algorithms]
+    for text in args.variants:
+        label, eq, rest = text.partition("=")
+        algo, *sets = rest.split(":")
+        label = label.strip()
+        if not eq or not label or algo not in OUR_ALGORITHMS or any("=" not in x for x in sets):
+            ap.error(f"--variant must be LABEL=ALGO[:KEY=VALUE...] with ALGO one of {', '.join(OUR_ALGORITHMS)}, "
+                     f"got {text!r}")
+        if label in [o[0] for o in args.ours]:
+            ap.error(f"--variant label {label!r} is already used")
+        args.ours.append((label, algo, sets))
     return args
 
 
@@ -218,21 +236,23 @@ def _run(cmd: list[str], env: dict, log_path: str, what: str) -> tuple[float, fl
     return wall, (load0 + os.getloadavg()[0]) / 2
 
 
-def run_ours(args, cfg_path: str, algorithm: str, repeat: int, work: str, tokenizer_dir: str, env: dict) -> RunResult:
-    """One aapo-train run; per-step time, generated tokens and phases from its metrics.jsonl."""
+def run_ours(args, cfg_path: str, variant: tuple[str, str, list[str]], repeat: int, work: str, tokenizer_dir: str,
+             env: dict) -> RunResult:
+    """One aapo-train run of variant (label, algorithm, overrides); per-step time, tokens and phases."""
+    label, algorithm, extra = variant
     from aapo_megatron.trainer.metrics import read_metrics
 
-    run_dir = os.path.join(work, f"ours-{algorithm}-r{repeat}")
+    run_dir = os.path.join(work, f"ours-{label}-r{repeat}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a kept work dir from an earlier invocation: start fresh
-    cmd = ours_command(cfg_path, run_dir, algorithm, args.steps, tokenizer_dir, args.overrides)
-    wall, load = _run(cmd, env, run_dir + ".log", f"aapo-train ({algorithm}, round {repeat})")
+    cmd = ours_command(cfg_path, run_dir, algorithm, args.steps, tokenizer_dir, args.overrides + extra)
+    wall, load = _run(cmd, env, run_dir + ".log", f"aapo-train ({label}, round {repeat})")
     records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
                if r.get("step", 0) >= 1 and "time/step" in r]
     if len(records) != args.steps:
         raise BenchError(f"{run_dir}/metrics.jsonl has {len(records)} RL steps, expected {args.steps}")
     steps = [{"step": r["step"], "time": r["time/step"], "tokens": r["rollout/tokens"],
               **{k: r[k] for k in PHASES if k in r}} for r in records]
-    return RunResult(f"ours-{algorithm}", repeat, wall, steps, load)
+    return RunResult(f"ours-{label}", repeat, wall, steps, load)
 
 
 def run_trl(args, cfg, python: str, repeat: int, work: str, model_dir: str, prompts: str, env: dict) -> RunResult:
@@ -303,7 +323,8 @@ def format_report(summary: dict[str, dict], rat: dict[str, dict], info: dict) ->
     ]
     for name, s in summary.items():
         rng = f"{s['step_s_run_min']:.3f}-{s['step_s_run_max']:.3f}"
-        lines.append(f"{LABELS.get(name, name):<52}{s['step_s']:>9.3f}{rng:>15}{s['step_s_best']:>8.3f}"
+        label = {**LABELS, **info.get("labels", {})}.get(name, name)
+        lines.append(f"{label:<52}{s['step_s']:>9.3f}{rng:>15}{s['step_s_best']:>8.3f}"
                      f"{s['tokens_per_step']:>10.0f}"
                      f"{s['tokens_per_s']:>9.0f}{s['wall_s']:>9.1f}{s['load']:>7.1f}")
     lines.append("")
@@ -312,6 +333,13 @@ def format_report(summary: dict[str, dict], rat: dict[str, dict], info: dict) ->
         lines.append(f"{name} / TRL: step time median {r['step_time_ours_over_trl']:.2f}x, best "
                      f"{r['best_step_time_ours_over_trl']:.2f}x; tokens/s {r['tokens_per_s_ours_over_trl']:.2f}x; "
                      f"target median step time <= {TARGET_RATIO}x: {verdict}")
+    trl_step = summary["trl"]["step_s"]
+    for name, s in summary.items():
+        gen = s.get("time/generate", s.get("time/rollout"))
+        if name != "trl" and gen is not None:
+            # Our rollouts go through vLLM: its generation phase alone is a floor under our step time.
+            lines.append(f"{name} generation phase alone: {gen / trl_step:.2f}x TRL's whole step "
+                         f"({gen:.3f} s of {trl_step:.3f} s)")
     for name, s in summary.items():
         phases = [(k[5:], s[k]) for k in PHASES if k in s]
         if phases:
@@ -369,9 +397,9 @@ def main(argv=None) -> int:
         runs: list[RunResult] = []
         print(f"bench_vs_trl: work dir {work}; {n_prompts} prompts; threads {args.threads}", flush=True)
         for repeat in range(1, args.repeats + 1):
-            for k, algorithm in enumerate(args.algorithms):
-                run = run_ours(args, args.config, algorithm, repeat, work, tokenizer_dir, env)
-                hf_init = os.path.join(work, f"ours-{algorithm}-r{repeat}", "hf_init")
+            for k, variant in enumerate(args.ours):
+                run = run_ours(args, args.config, variant, repeat, work, tokenizer_dir, env)
+                hf_init = os.path.join(work, f"{run.name}-r{repeat}", "hf_init")
                 digest = file_digest(hf_init)
                 if init_digest is None:
                     shutil.rmtree(model_dir, ignore_errors=True)
@@ -381,7 +409,7 @@ def main(argv=None) -> int:
                     raise BenchError(f"{hf_init} differs from the first run's starting weights; the runs would not "
                                      f"train the same model (is the Megatron init seeded?)")
                 runs.append(run)
-                print(f"  round {repeat}: ours-{algorithm} median step "
+                print(f"  round {repeat}: {run.name} median step "
                       f"{statistics.median(s['time'] for s in run.steps[args.warmup:]):.3f}s (wall {run.wall_s:.0f}s)",
                       flush=True)
                 if k == 0:  # TRL right after our first variant: ours, TRL, ours, ...
@@ -408,6 +436,8 @@ def main(argv=None) -> int:
                  f"{cfg.rollout.max_new_tokens} new tokens",
         "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
         "ours_versions": _versions_here(), "trl_versions": trl_versions,
+        "labels": {f"ours-{label}": f"ours {label} ({algo}; {' '.join(sets)})"
+                   for label, algo, sets in args.ours if sets or label != algo},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join([os.path.relpath(sys.executable, ROOT), "benchmarks/bench_vs_trl.py",

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     }
     for i, g in enumerate(generate_times):
         rec = result["steps"][i]
-        rec["time/rollout"] = g
+        rec["time/rollout"] = rec["time/generate"] = g  # one engine: the generation phase is its rollout
         rec["time/train"] = rec["time"] - g - rec["time/reward"]  # log-probs, loss, backward, optimizer
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:

@@ -30,11 +30,6 @@ from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DEFAULT_BYTES_PER_WORKER = 2 * 2**30
-"""`workers=None` picks the fewest workers that keep each stage under this many bytes (2 GiB)."""
-
-
 @dataclass
 class ConversionResult:
     """What a conversion wrote."""
@@ -59,20 +54,29 @@ def resolve_dtype_name(dtype: Optional[str], spec: ArchSpec) -> str:
     return dtype
 
 
-def choose_workers(num_layers: int, model_bytes: int, workers: Optional[int],
-                   bytes_per_worker: int = DEFAULT_BYTES_PER_WORKER) -> int:
-    """Number of worker processes (= pipeline stages); must divide num_layers. None: fewest under bytes_per_worker."""
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_workers(num_layers: int, workers: Optional[int], cores: Optional[int] = None) -> int:
+    """Number of worker processes (= pipeline stages); must divide num_layers.
+
+    None: the largest divisor of num_layers that is at most `cores` (default: `available_cores()`). Workers
+    stream one tensor at a time, so their memory does not depend on their share of the layers; more workers
+    than cores would only add process footprints.
+    """
     if workers is not None:
         if workers < 1 or num_layers % workers:
             raise ConversionError(
                 f"--workers {workers} must be a positive divisor of the number of layers ({num_layers})"
             )
         return workers
-    divisors = [w for w in range(1, num_layers + 1) if num_layers % w == 0]
-    for w in divisors:
-        if model_bytes / w <= bytes_per_worker:
-            return w
-    return divisors[-1]
+    cores = available_cores() if cores is None else max(1, cores)
+    return max(w for w in range(1, min(num_layers, cores) + 1) if num_layers % w == 0)
 
 
 def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[str]]:
@@ -169,8 +173,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         shown = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
         print(f"aapo-convert: ignoring {len(unused)} tensor(s) the {spec.hf_architecture} mapping does not use: {shown}")
     dtype = resolve_dtype_name(dtype, spec)
-    model_bytes = reader.total_bytes * _BYTES[dtype] // max(1, _source_itemsize(reader))
-    workers = choose_workers(spec.num_layers, model_bytes, workers)
+    workers = choose_workers(spec.num_layers, workers)
     with atomic_output_dir(out_dir, force, inputs=(hf_dir,)) as tmp:
         results = run_workers(_hf_to_mcore_worker, workers, (reader.hf_dir, tmp, dtype, progress))
         write_checkpoint_metadata(
@@ -187,8 +190,3 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         worker_base_rss=max(r["base_rss"] for r in results),
     )
 
-
-def _source_itemsize(reader: HFCheckpointReader) -> int:
-    """Bytes per element of the checkpoint's floating tensors (the most common one)."""
-    sizes = [info.dtype.itemsize for info in reader.tensors.values() if info.dtype.is_floating_point]
-    return max(set(sizes), key=sizes.count) if sizes else 4

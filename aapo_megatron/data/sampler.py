@@ -2,6 +2,7 @@
 
     sampler = ResumableSampler(len(ds), seed=cfg.data.seed)
     idx = sampler.next_batch(cfg.data.prompts_per_step)   # list[int]; batches run across epoch ends
+    nxt = sampler.peek_batch(cfg.data.prompts_per_step)   # the following batch, not consumed
     ckpt["sampler"] = sampler.state_dict()                # {"epoch", "position", "seed", "num_samples", "shuffle"}
     sampler.load_state_dict(ckpt["sampler"])              # continues with exactly the next indices
 
@@ -53,6 +54,14 @@ class ResumableSampler:
             out.extend(int(i) for i in self._order[self.position : self.position + take])
             self.position += take
         return out
+
+    def peek_batch(self, batch_size: int) -> list[int]:
+        """What `next_batch(batch_size)` will return, without consuming it."""
+        saved = (self.epoch, self.position, self._order)
+        try:
+            return self.next_batch(batch_size)
+        finally:
+            self.epoch, self.position, self._order = saved
 
     def __iter__(self) -> Iterator[int]:
         while True:

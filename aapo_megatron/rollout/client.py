@@ -21,6 +21,8 @@ from aapo_megatron.rollout.engine import (
 )
 from aapo_megatron.rollout.weight_sync import FileSink, SyncStats, stream_via_files
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class RemoteRolloutEngine(RolloutEngine):
     """Client of one rollout server; weight updates stream bucket files through `shm_dir` (shared with the server)."""
@@ -102,3 +104,40 @@ class RemoteRolloutEngine(RolloutEngine):
                                           bucket_bytes=self.bucket_bytes, timeout_s=self.sync_timeout_s,
                                           dtype=self.dtype, shm_dir=self.shm_dir)
         return int(result["weight_version"])
+
+
+def connect_servers(rollout_cfg: Any, *, reference: bool,
+                    vocab_size: Optional[int] = None) -> tuple[RemoteRolloutEngine, Optional[RemoteRolloutEngine]]:
+    """Clients of a placement=server run's `aapo-rollout-server`s (a `RolloutConfig`), checked before any step.
+
+    Each server must answer, serve the expected role (policy at `server_url`, reference at
+    `reference_server_url`) and, when `vocab_size` is given, a model with that vocabulary. The policy client
+    needs the bearer token (`$<rollout.token_env>`) for weight updates. Weight syncs stream in the served dtype
+    through `rollout.server_weight_dir`, which the servers must be able to read. RolloutError names what is wrong.
+    """
+    def connect(url: Optional[str], role: str, setting: str) -> RemoteRolloutEngine:
+        if not url:
+            raise RolloutError(f"rollout.placement=server needs {setting}: the URL of an aapo-rollout-server "
+                               f"started with --role {role}")
+        client = RemoteRolloutEngine(url, token_env=rollout_cfg.token_env,
+                                     weight_sync_bucket_mb=rollout_cfg.weight_sync_bucket_mb,
+                                     weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
+                                     shm_dir=rollout_cfg.server_weight_dir)
+        info = client.request("GET", "/version")
+        if info.get("role") != role:
+            raise RolloutError(f"{setting}={url} serves the {info.get('role')!r} role, not {role!r}: start that "
+                               f"server with --role {role}")
+        served_vocab = info.get("vocab_size")
+        if vocab_size is not None and served_vocab is not None and int(served_vocab) != int(vocab_size):
+            raise RolloutError(f"{setting}={url} serves {info.get('model')!r} with a vocabulary of {served_vocab} "
+                               f"tokens; the trained model has {vocab_size}")
+        if info.get("dtype") in _DTYPES:
+            client.dtype = _DTYPES[info["dtype"]]
+        return client
+
+    policy = connect(rollout_cfg.server_url, "policy", "rollout.server_url")
+    if policy.token is None:
+        raise RolloutError(f"the policy rollout server needs a bearer token for weight updates: set "
+                           f"${rollout_cfg.token_env} to the token the server was started with")
+    ref = connect(rollout_cfg.reference_server_url, "reference", "rollout.reference_server_url") if reference else None
+    return policy, ref

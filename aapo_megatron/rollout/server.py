@@ -5,7 +5,7 @@
 
 Endpoints (JSON in, JSON out):
     GET  /health          {"status": "ok" | "updating" | "incomplete", "weight_version": v}
-    GET  /version         {"weight_version": v, "role": ..., "model": ...}
+    GET  /version         {"weight_version": v, "role": ..., "model": ..., "dtype": ..., "vocab_size": ...}
     POST /generate        {"prompts": [[ids]], "sampling": {SamplingSpec fields}} -> {"completions", "weight_version"}
     POST /update_weights  {"action": "begin"}                                       -> {"session": id}
                           {"action": "load", "session": id, "path": file}            -> {"tensors": n}
@@ -101,7 +101,8 @@ class RolloutService:
     def version(self) -> dict[str, Any]:
         """Current weight version and what is served."""
         return {"weight_version": self.engine.weight_version, "role": self.engine.role,
-                "model": os.path.basename(os.path.normpath(self.engine.model_path))}
+                "model": os.path.basename(os.path.normpath(self.engine.model_path)),
+                "dtype": getattr(self.engine, "dtype", None), "vocab_size": getattr(self.engine, "vocab_size", None)}
 
     def generate(self, body: dict) -> dict[str, Any]:
         """Validate and run a generate request."""

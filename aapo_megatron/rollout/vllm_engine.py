@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from typing import Any, Iterator, Literal, Optional, Sequence
@@ -31,6 +30,7 @@ from aapo_megatron.rollout.engine import (
     SamplingSpec,
     check_prompts,
 )
+from aapo_megatron.rollout.scratch_dirs import owned_tempdir
 from aapo_megatron.rollout.weight_sync import (
     NcclWeightTransfer,
     ShmSlots,
@@ -172,7 +172,7 @@ class VLLMRolloutEngine(RolloutEngine):
         t0 = time.perf_counter()
         # vLLM's processes read these from the environment when they start; set them only for that.
         # Their ZMQ socket files go to a directory of this engine's, removed by close().
-        self._ipc_dir = None if "VLLM_RPC_BASE_PATH" in os.environ else tempfile.mkdtemp(prefix="aapo-vllm-ipc-")
+        self._ipc_dir = None if "VLLM_RPC_BASE_PATH" in os.environ else owned_tempdir("aapo-vllm-ipc-")
         try:
             with _scoped_env(VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind, VLLM_RPC_BASE_PATH=self._ipc_dir):
                 self.llm = LLM(**kwargs)

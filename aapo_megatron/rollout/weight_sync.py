@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 import torch
 
+from aapo_megatron.rollout.scratch_dirs import owned_tempdir
+
 Transport = Literal["shm", "nccl"]
 
 
@@ -239,7 +241,7 @@ class ShmSlots:
     """
 
     def __init__(self, shm_dir: Optional[str] = None):
-        self.dir = tempfile.mkdtemp(prefix="aapo-wslots-", dir=shm_dir or default_shm_dir())
+        self.dir = owned_tempdir("aapo-wslots-", shm_dir or default_shm_dir())
         self._slots: list[Optional[tuple[str, int, Any, torch.Tensor]]] = [None, None]  # path, capacity, mmap, u8
         self._files = 0
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
@@ -306,7 +308,7 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
     t_start = time.perf_counter()
     gather = StageRunner(timeout_s, "weight sync")   # gathers + writes buckets
     engine = StageRunner(timeout_s, "weight sync")   # drives the receiver
-    workdir = None if sink.write is not None else tempfile.mkdtemp(prefix="aapo-wsync-", dir=shm_dir or default_shm_dir())
+    workdir = None if sink.write is not None else owned_tempdir("aapo-wsync-", shm_dir or default_shm_dir())
     began = finished = False
     try:
         buckets = iter_buckets(named_tensors, bucket_bytes, dtype)

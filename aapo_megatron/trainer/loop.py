@@ -37,6 +37,7 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 HF_INIT_DIR = "hf_init"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_SHARD_BYTES = 2 * 1024**3  # HF export shard size
+PREFETCH_CLOSE_TIMEOUT_S = 120.0  # close() waits this long for a running reference prefetch
 SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy", "loss",
                 "adv/mean_abs_advantage", "adv/mean_abs_advantage_no_margin", "adv/zero_variance_group_fraction",
                 "response/len_mean", "mismatch/mean", "grad_norm", "time/step", "tokens_per_s")
@@ -126,6 +127,7 @@ class TrainingJob:
         _barrier()
         self.state = LoopState()
         self.policy_engine = self.reference_engine = self.reward_pool = None
+        self.collector = None  # RolloutCollector, rank 0
         self.metrics: Optional[MetricsLogger] = None
         self.ckpt = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last, is_writer=self.is_rank0,
                                       barrier=_barrier)
@@ -203,16 +205,32 @@ class TrainingJob:
                                          use_distributed_optimizer=use_dist_opt)
         self.scheduler = build_scheduler(self.optimizer, ocfg, total_updates)
 
-    def _rank0_components(self, hf_init: str) -> None:
-        """Engines, reward pool and datasets (rank 0 only)."""
-        with _usr1_blocked_in_children():
-            self._start_rank0_components(hf_init)
+    def _start_components(self, hf_init: str) -> None:
+        """Collective: rank 0 starts the engines, reward pool and datasets; a failure there stops every rank
+        with its message (instead of leaving the others waiting at the next collective)."""
+        from aapo_megatron.rollout.engine import RolloutError
+
+        error: Optional[tuple[str, str]] = None  # (kind, message)
+        if self.is_rank0:
+            try:
+                with _usr1_blocked_in_children():
+                    self._start_rank0_components(hf_init)
+            except ConfigError as exc:
+                error = ("config", str(exc))
+            except RolloutError as exc:
+                error = ("error", f"starting the rollout side: {exc}")
+            except Exception as exc:  # noqa: BLE001 - every rank must stop, not only this one
+                log.exception("starting the engines, reward workers and datasets failed")
+                error = ("error", f"starting the rollout side failed: {type(exc).__name__}: {exc}")
+        error = _broadcast_object(error)
+        if error is not None:
+            raise (ConfigError if error[0] == "config" else TrainingError)(error[1])
+        _barrier()
 
     def _start_rank0_components(self, hf_init: str) -> None:
         from aapo_megatron.data.dataset import PromptDataset
         from aapo_megatron.data.sampler import ResumableSampler
         from aapo_megatron.rewards.pool import RewardPool
-        from aapo_megatron.rollout.vllm_engine import build_engines
 
         cfg = self.cfg
         log.info("loading prompts (%s)", cfg.data.source)
@@ -227,9 +245,7 @@ class TrainingJob:
         from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
 
         needs_reference = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
-        log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if needs_reference else "")
-        self.policy_engine, self.reference_engine = build_engines(hf_init, cfg.rollout, reference=needs_reference,
-                                                                  max_prompt_tokens=cfg.data.max_prompt_tokens)
+        self.policy_engine, self.reference_engine = self._open_engines(hf_init, needs_reference)
         self.reference_cache = None
         if cfg.algorithm.reference_rollouts == "cached":
             from aapo_megatron.rollout.reference_cache import ReferenceCache
@@ -241,6 +257,32 @@ class TrainingJob:
 
         self.collector = RolloutCollector(cfg, self.tokenizer, self.policy_engine, self.reference_engine,
                                           self.reward_pool, self.tokenizer.eos_token_id, self.reference_cache)
+
+    def _open_engines(self, hf_init: str, reference: bool) -> tuple:
+        """Rank 0: the policy and (if `reference`) reference engines: started here from `hf_init` (colocated) or
+        connected to the run's `aapo-rollout-server`s (placement=server, checked by `connect_servers`)."""
+        cfg = self.cfg
+        if cfg.rollout.placement == "server":
+            from aapo_megatron.rollout.client import connect_servers
+
+            if reference and cfg.trainer.sft_steps > 0:
+                raise ConfigError("rollout.placement=server with trainer.sft_steps > 0: the reference server serves "
+                                  "the model it was started with, not this run's SFT warm start. Run the SFT first "
+                                  "(algorithm.name=sft), serve its hf_final as the reference and start RL from it "
+                                  "(model.path)")
+            log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
+                     f", reference {cfg.rollout.reference_server_url}" if reference else "")
+            return connect_servers(cfg.rollout, reference=reference, vocab_size=self.spec.vocab_size)
+        from aapo_megatron.rollout.vllm_engine import build_engines
+
+        log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if reference else "")
+        return build_engines(hf_init, cfg.rollout, reference=reference, max_prompt_tokens=cfg.data.max_prompt_tokens)
+
+    @property
+    def _prefetch_reference(self) -> bool:
+        """Whether the next step's reference samples are drawn while this step trains (rollout.prefetch_reference)."""
+        mode = self.cfg.rollout.prefetch_reference
+        return mode == "always" or (mode == "auto" and self.cfg.rollout.placement == "server")
 
     # ================================================================== weights out
     def _iter_hf(self):
@@ -415,6 +457,7 @@ class TrainingJob:
         if self.is_rank0:
             self.state.sampler = self.sampler.state_dict()
             if self.reference_cache is not None:
+                self.collector.wait_prefetch()  # a prefetch may be adding to the cache
                 self.state.reference_cache = self.reference_cache.state_dict()
 
         def write(tmp_dir: str) -> None:
@@ -476,13 +519,13 @@ class TrainingJob:
             # The frozen reference (and the policy engine's initial weights) = the starting point of RL.
             if resumed_step is None or not os.path.isdir(hf_init):
                 self.export_hf(hf_init)  # a fresh run always starts from its own weights, never a stale export
-            if self.is_rank0:
-                self._rank0_components(hf_init)
-            _barrier()
+            self._start_components(hf_init)
             start = self.state.step
-            if resumed_step is not None:
-                sync_s = self.sync_policy_engine()  # the engine starts from hf_init: bring it to the resumed weights
-                log.info("policy engine re-synced to step %d (%.1fs)", start, sync_s)
+            if resumed_step is not None or cfg.rollout.placement == "server":
+                # A colocated engine starts from hf_init, a server from whatever it was started with: bring it
+                # to the current weights.
+                sync_s = self.sync_policy_engine()
+                log.info("policy engine synced to step %d (%.1fs)", start, sync_s)
             if start == 0 and cfg.trainer.eval_every > 0:
                 self._log_eval(0)
             code = self._rl_loop(start, stop)
@@ -515,6 +558,9 @@ class TrainingJob:
             t_step = time.perf_counter()
             m: dict[str, float] = {}
             batch, m = self._collect_with_restart(step)
+            if self.is_rank0 and self._prefetch_reference and step < total:
+                nxt = self.sampler.peek_batch(cfg.data.prompts_per_step)
+                self.collector.prefetch_reference([self.train_set[i] for i in nxt], step + 1)
             t0 = time.perf_counter()
             loss_name = self._loss_name()
             results = self._updates(batch, cfg.trainer.updates_per_step, loss_name)
@@ -573,9 +619,9 @@ class TrainingJob:
         raise AssertionError("unreachable")
 
     def _restart_engines(self) -> None:
-        """Rank 0: close both engines and start them again from the run's starting checkpoint."""
-        from aapo_megatron.rollout.vllm_engine import build_engines
-
+        """Rank 0: close both engines and start them again from the run's starting checkpoint (placement=server:
+        connect again, which checks that the servers answer)."""
+        self.collector.discard_prefetch(timeout=PREFETCH_CLOSE_TIMEOUT_S)  # it may be running on an engine closed here
         for engine in (self.policy_engine, self.reference_engine):
             if engine is not None:
                 try:
@@ -584,9 +630,7 @@ class TrainingJob:
                     log.warning("closing the failed engine: %s", exc)
         hf_init = os.path.join(self.run_dir, HF_INIT_DIR)
         with _usr1_blocked_in_children():
-            self.policy_engine, self.reference_engine = build_engines(
-                hf_init, self.cfg.rollout, reference=self.reference_engine is not None,
-                max_prompt_tokens=self.cfg.data.max_prompt_tokens)
+            self.policy_engine, self.reference_engine = self._open_engines(hf_init, self.reference_engine is not None)
         self.collector.policy, self.collector.reference = self.policy_engine, self.reference_engine
 
     def _loss_name(self) -> str:
@@ -625,6 +669,9 @@ class TrainingJob:
         """Stop engines and workers, close writers, tear down process groups (safe after errors)."""
         from aapo_megatron.models.parallel import teardown_distributed
 
+        if self.collector is not None and not self.collector.wait_prefetch(timeout=PREFETCH_CLOSE_TIMEOUT_S):
+            log.warning("shutdown: the reference prefetch did not finish within %.0f s; closing its engine anyway",
+                        PREFETCH_CLOSE_TIMEOUT_S)
         for obj in (self.policy_engine, self.reference_engine, self.reward_pool, self.metrics):
             if obj is not None:
                 try:

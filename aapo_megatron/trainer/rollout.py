@@ -91,6 +91,7 @@ class RolloutCollector:
         from aapo_megatron.algorithms.advantages import build_advantage_estimator
 
         self.estimator = build_advantage_estimator(cfg.algorithm)
+        self._prefetch: Optional[tuple[int, list[str], futures.Future]] = None  # (step, prompt keys, job)
 
     # ------------------------------------------------------------------ generation
     def _reference_groups(self, prompts: Sequence[Any], step: int) -> tuple[list[list[Completion]], dict[str, float]]:
@@ -111,6 +112,41 @@ class RolloutCollector:
         timings["time/reference"] = time.perf_counter() - t0
         return groups, timings
 
+    # ------------------------------------------------------------------ reference prefetch
+    def prefetch_reference(self, prompts: Sequence[Any], step: int) -> None:
+        """Start sampling step `step`'s reference responses in the background; `collect` for that step takes them.
+
+        Exact: the reference is frozen and the samples are seeded by (rollout.seed, step), so they are the ones
+        `collect(prompts, step)` would draw itself. A no-op for algorithms without reference rollouts.
+        """
+        if not self.estimator.uses_reference or self.reference is None:
+            return
+        self.wait_prefetch()
+        self._prefetch = (step, [prompt_key(p) for p in prompts], in_background(self._reference_groups, prompts, step))
+
+    def wait_prefetch(self, timeout: Optional[float] = None) -> bool:
+        """Wait until a pending prefetch has finished (its result stays for `collect`); False on timeout."""
+        if self._prefetch is None:
+            return True
+        done, _ = futures.wait([self._prefetch[2]], timeout=timeout)
+        return bool(done)
+
+    def discard_prefetch(self, timeout: Optional[float] = None) -> None:
+        """Drop a pending prefetch, after waiting up to `timeout` s for it to finish (before its engine restarts)."""
+        self.wait_prefetch(timeout)
+        self._prefetch = None
+
+    def _take_prefetch(self, prompts: Sequence[Any], step: int) -> Optional[futures.Future]:
+        """The pending prefetch if it was started for exactly this step and these prompts, else None."""
+        pending, self._prefetch = self._prefetch, None
+        if pending is None:
+            return None
+        pending_step, keys, job = pending
+        if pending_step == step and keys == [prompt_key(p) for p in prompts]:
+            return job
+        futures.wait([job])  # made for other prompts (cannot happen in the loop's order): finish and drop it
+        return None
+
     def collect(self, prompts: Sequence[Any], step: int) -> tuple[RolloutBatch, dict[str, float]]:
         """Rollouts, rewards and advantages for `prompts` (B Prompt objects) at RL step `step`."""
         cfg = self.cfg
@@ -119,9 +155,13 @@ class RolloutCollector:
         t0 = time.perf_counter()
         spec = sampling_spec(cfg, step_seed(cfg.rollout.seed, step, _POLICY_STREAM), stop_token_ids=[self.eos])
         needs_reference = self.estimator.uses_reference
-        # The reference responses depend only on the prompts, so they can be sampled while the policy samples.
-        ref_job = (in_background(self._reference_groups, prompts, step)
-                   if needs_reference and cfg.rollout.overlap_reference else None)
+        # The reference responses depend only on the prompts, so they can be sampled before (prefetch_reference)
+        # or while the policy samples.
+        ref_job = self._take_prefetch(prompts, step) if needs_reference else None
+        if needs_reference:
+            metrics["reference/prefetched"] = float(ref_job is not None)
+        if ref_job is None and needs_reference and cfg.rollout.overlap_reference:
+            ref_job = in_background(self._reference_groups, prompts, step)
         try:
             policy_out = _generate(self.policy, "policy", [p.input_ids for p in prompts], spec)
         except BaseException:
@@ -133,11 +173,13 @@ class RolloutCollector:
         policy = flatten(policy_out.completions)  # [B*G]
         reference: list[Completion] = []
         if needs_reference:
+            t_wait = time.perf_counter()
             ref_groups, ref_timings = ref_job.result() if ref_job is not None else self._reference_groups(prompts, step)
+            if ref_job is not None:
+                metrics["time/reference_wait"] = time.perf_counter() - t_wait
             metrics.update(ref_timings)
             reference = flatten(ref_groups)
-        if ref_job is not None:
-            metrics["time/generate"] = time.perf_counter() - t0  # both engines, overlapped
+        metrics["time/generate"] = time.perf_counter() - t0  # the generation phase's wall time, both engines
 
         samples = [p.reward_sample() for p in prompts for _ in range(G)]
         t0 = time.perf_counter()

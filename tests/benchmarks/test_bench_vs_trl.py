@@ -74,6 +74,9 @@ def test_env_without_trl_names_the_missing_module(bench):
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--algorithms", "aapo,ppo"], "--algorithms must name one or more of aapo, grpo, got 'aapo,ppo'"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--variant", "x=ppo:a=1"], "--variant must be LABEL=ALGO[:KEY=VALUE...] with ALGO one of aapo, grpo, got 'x=ppo:a=1'"),
+    (["--variant", "x=aapo:novalue"], "--variant must be LABEL=ALGO[:KEY=VALUE...]"),
+    (["--variant", "aapo=aapo:a=1"], "--variant label 'aapo' is already used"),
 ])
 def test_bad_arguments(bench, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -92,6 +95,9 @@ def test_arguments_and_our_command(bench):
                  "trainer.run_dir=/r", "checkpoint.save_every=0"):
         assert want in sets
     assert sets[-1] == "rollout.temperature=0.7"  # user overrides last: they win
+    assert args.ours == [("grpo", "grpo", []), ("aapo", "aapo", [])]
+    args = bench.parse_args(["--algorithms", "aapo", "--variant", "seq=aapo:rollout.prefetch_reference=false:a.b=1"])
+    assert args.ours == [("aapo", "aapo", []), ("seq", "aapo", ["rollout.prefetch_reference=false", "a.b=1"])]
 
 
 def test_trl_command_takes_every_setting_from_the_config(bench, small_setup):
@@ -147,7 +153,8 @@ def test_trl_reward_matches_ours(driver, small_setup):
 def test_summary_skips_warmup_and_forms_ratios(bench):
     def run(name, rep, times, tokens=100):
         return bench.RunResult(name, rep, 10.0 * rep, [{"step": i + 1, "time": t, "tokens": tokens,
-                                                        "time/train": t / 2} for i, t in enumerate(times)], 1.0)
+                                                        "time/train": t / 2, "time/generate": t / 4}
+                                                       for i, t in enumerate(times)], 1.0)
 
     runs = [run("ours-aapo", 1, [9.0, 1.0, 2.0]), run("trl", 1, [50.0, 4.0, 6.0]),
             run("ours-aapo", 2, [9.0, 3.0, 4.0]), run("trl", 2, [50.0, 8.0, 10.0])]
@@ -167,3 +174,4 @@ def test_summary_skips_warmup_and_forms_ratios(bench):
     assert rat["ours-aapo"]["best_step_time_ours_over_trl"] == 0.25
     assert "ours-aapo / TRL: step time median 0.36x, best 0.25x; tokens/s 2.86x" in text
     assert "target median step time <= 0.5x: met" in text
+    assert "ours-aapo generation phase alone: 0.09x TRL's whole step (0.625 s of 7.000 s)" in text

@@ -93,3 +93,13 @@ def test_state_errors():
         s.load_state_dict({**good, "position": 11})
     with pytest.raises(ValueError, match="ResumableSampler needs at least one sample, got num_samples=0"):
         ResumableSampler(0)
+
+
+def test_peek_batch_shows_the_next_batch_without_consuming_it():
+    s = ResumableSampler(5, seed=3)
+    s.next_batch(4)
+    state = s.state_dict()
+    peeked = s.peek_batch(3)  # crosses into epoch 1
+    assert s.state_dict() == state
+    assert s.next_batch(3) == peeked
+    assert s.peek_batch(2) == s.next_batch(2)

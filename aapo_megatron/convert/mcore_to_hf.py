@@ -122,7 +122,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
     carried = tuple(f for f in carried if f != CONFIG_NAME)
     spec = ArchSpec.from_hf_config(config)  # UnsupportedArchitectureError names it + lists the supported
     # every tensor present with the right global shape (MissingTensorError / ShapeMismatchError name it)
-    validate_mcore_checkpoint(ckpt_dir, spec)
+    ckpt_dtype = str(validate_mcore_checkpoint(ckpt_dir, spec)).replace("torch.", "")
     source_dtype = spec.torch_dtype if spec.torch_dtype in DTYPES else "float32"
     out_dtype = dtype or source_dtype
     if out_dtype not in DTYPES:
@@ -132,7 +132,9 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
             if key in config:
                 config[key] = out_dtype
     max_shard_bytes = parse_size(max_shard_size)
-    workers = choose_workers(spec.num_layers, workers)
+    bytes_per = {"float32": 4, "bfloat16": 2, "float16": 2}
+    model_bytes = _param_count(spec) * bytes_per[ckpt_dtype if ckpt_dtype in bytes_per else "float32"]
+    workers = choose_workers(spec.num_layers, model_bytes, workers)
     with atomic_output_dir(out_dir, force, inputs=(ckpt_dir,)) as tmp:
         results = run_workers(
             _mcore_to_hf_worker, workers,
@@ -155,6 +157,20 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
         peak_live_bytes=max(r["peak_live_bytes"] for r in results),
         worker_base_rss=max(r["base_rss"] for r in results),
     )
+
+
+def _param_count(spec: ArchSpec) -> int:
+    """Number of parameters of the HF model described by `spec`."""
+    from aapo_megatron.convert.mapping import WeightMapping
+
+    mapping = WeightMapping(spec)
+    total = 0
+    for name in mapping.hf_names():
+        n = 1
+        for d in mapping.hf_shape(name):
+            n *= d
+        total += n
+    return total
 
 
 __all__ = ["convert_mcore_to_hf", "DEFAULT_MAX_SHARD_SIZE", "METADATA_NAME"]

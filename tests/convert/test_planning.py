@@ -18,17 +18,20 @@ GiB = 2**30
 
 
 def test_choose_workers():
-    # the largest divisor of the layer count that fits the cores
-    assert choose_workers(80, None, cores=2) == 2  # 70B on this machine: 2 workers, not one per 2 GiB (80)
-    assert choose_workers(80, None, cores=64) == 40
-    assert choose_workers(28, None, cores=8) == 7
-    assert choose_workers(7, None, cores=6) == 1  # a prime layer count: nothing between 1 and 7 divides it
-    assert choose_workers(3, None, cores=64) == 3  # capped at one layer per worker
-    assert choose_workers(2, None, cores=0) == 1
-    assert 1 <= choose_workers(80, None) <= len(os.sched_getaffinity(0))  # default: this process's cores
-    assert choose_workers(8, 4) == 4
+    # enough workers that each converts <= 2 GiB, but no more than the cores; always a divisor of the layers
+    assert choose_workers(80, 140 * GiB, None, cores=2) == 2  # 70B bf16 on this machine: not 80 processes
+    assert choose_workers(80, 140 * GiB, None, cores=64) == 40
+    assert choose_workers(80, 140 * GiB, None, cores=128) == 80  # 70 needed -> 80
+    assert choose_workers(80, 140 * GiB, None, cores=64, bytes_per_worker=4 * GiB) == 40
+    assert choose_workers(28, 3 * GiB, None, cores=64) == 2
+    assert choose_workers(28, 14 * GiB, None, cores=6) == 4  # 7 needed, 6 cores: the largest divisor under 6
+    assert choose_workers(2, 10**6, None, cores=64) == 1  # a small model: one worker, whatever the cores
+    assert choose_workers(3, 100 * GiB, None, cores=64, bytes_per_worker=GiB) == 3  # one layer per worker at most
+    assert choose_workers(7, 100 * GiB, None, cores=6) == 1  # a prime layer count: nothing between 1 and 7
+    assert 1 <= choose_workers(80, 140 * GiB, None) <= len(os.sched_getaffinity(0))  # default: this process's cores
+    assert choose_workers(8, GiB, 4) == 4
     with pytest.raises(ConversionError, match=r"--workers 0 must be a positive divisor of the number of layers \(8\)"):
-        choose_workers(8, 0)
+        choose_workers(8, GiB, 0)
 
 
 def test_dtype_defaults_to_the_checkpoints_own():

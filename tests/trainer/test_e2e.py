@@ -264,9 +264,10 @@ def test_training_against_rollout_servers(tmp_path):
     model = _start_model(tmp_path)
     env = dict(_env(), AAPO_ROLLOUT_TOKEN="e2e-token")
     ports = {"policy": free_port(), "reference": free_port()}
+    logs = {role: str(tmp_path / f"{role}-server.log") for role in ports}
     servers = {role: subprocess.Popen([os.path.join(BIN, "aapo-rollout-server"), "--model", model, "--role", role,
-                                       "--port", str(port), "--max-model-len", "256"],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       "--port", str(port), "--max-model-len", "128"],
+                                      env=env, stdout=open(logs[role], "w"), stderr=subprocess.STDOUT,
                                       start_new_session=True)
                for role, port in ports.items()}
 
@@ -279,7 +280,8 @@ def test_training_against_rollout_servers(tmp_path):
 
     try:
         for role, port in ports.items():
-            assert _wait_for(lambda: healthy(port), servers[role], 300), f"the {role} server did not come up"
+            if not _wait_for(lambda: healthy(port), servers[role], 300):
+                pytest.fail(f"the {role} server did not come up:\n{open(logs[role]).read()[-3000:]}")
         run_dir = str(tmp_path / "run")
         urls = [f"rollout.server_url=http://127.0.0.1:{ports['policy']}",
                 f"rollout.reference_server_url=http://127.0.0.1:{ports['reference']}"]
@@ -305,9 +307,11 @@ def test_training_against_rollout_servers(tmp_path):
         assert "serves the 'policy' role, not 'reference': start that server with --role reference" in bad.stderr
     finally:
         for proc in servers.values():
-            os.killpg(proc.pid, signal.SIGTERM)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in servers.values():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

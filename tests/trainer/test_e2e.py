@@ -315,3 +315,16 @@ def test_training_against_rollout_servers(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.mark.slow
+def test_unreachable_rollout_server_stops_every_rank(tmp_path):
+    """A rank-0 start-up failure ends all ranks with its message (not a hang at the next collective)."""
+    run_dir = str(tmp_path / "down")
+    extra = ["parallel.tensor_model_parallel_size=2", "trainer.steps=2", "trainer.sft_steps=0", "algorithm.name=grpo",
+             "rollout.placement=server", "rollout.server_url=http://127.0.0.1:9"]
+    t0 = time.monotonic()
+    code, out = _run(run_dir, nproc=2, extra=extra, timeout=600)
+    assert code != 0
+    assert "starting the rollout side: rollout server http://127.0.0.1:9/version unreachable" in out, out[-3000:]
+    assert time.monotonic() - t0 < 300  # no collective timeout was waited out

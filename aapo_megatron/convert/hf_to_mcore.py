@@ -31,6 +31,8 @@ from aapo_megatron.models.arch import ArchSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
 @dataclass
 class ConversionResult:
     """What a conversion wrote."""

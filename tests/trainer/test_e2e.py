@@ -118,7 +118,11 @@ def test_kill_and_resume_is_exact(tmp_path):
     proc = subprocess.Popen(_cmd(resumed, 1, steps), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        saw_ckpt = _wait_for(lambda: os.path.isfile(os.path.join(ckpts, "latest")), proc, 600)
+        # Poll fast and freeze the whole process group the moment the first checkpoint appears: the run must
+        # not get on to its final checkpoint (step 4) before the kill, even on a loaded machine.
+        saw_ckpt = _wait_for(lambda: os.path.isfile(os.path.join(ckpts, "latest")), proc, 600, poll=0.02)
+        if saw_ckpt:
+            os.killpg(proc.pid, signal.SIGSTOP)
         assert saw_ckpt, "the first checkpoint never appeared"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # abrupt: no handler runs

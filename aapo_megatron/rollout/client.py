@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from aapo_megatron.rollout.engine import (
+    ENGINE_DTYPES,
     Completion,
     GenerationResult,
     NamedTensors,
@@ -20,8 +21,6 @@ from aapo_megatron.rollout.engine import (
     check_prompts,
 )
 from aapo_megatron.rollout.weight_sync import FileSink, SyncStats, stream_via_files
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RemoteRolloutEngine(RolloutEngine):
@@ -131,8 +130,8 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         if vocab_size is not None and served_vocab is not None and int(served_vocab) != int(vocab_size):
             raise RolloutError(f"{setting}={url} serves {info.get('model')!r} with a vocabulary of {served_vocab} "
                                f"tokens; the trained model has {vocab_size}")
-        if info.get("dtype") in _DTYPES:
-            client.dtype = _DTYPES[info["dtype"]]
+        if info.get("dtype") in ENGINE_DTYPES:
+            client.dtype = ENGINE_DTYPES[info["dtype"]]
         return client
 
     policy = connect(rollout_cfg.server_url, "policy", "rollout.server_url")

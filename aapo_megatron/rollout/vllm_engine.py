@@ -22,6 +22,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 import torch
 
 from aapo_megatron.rollout.engine import (
+    ENGINE_DTYPES,
     Completion,
     GenerationResult,
     NamedTensors,
@@ -42,15 +43,13 @@ from aapo_megatron.rollout.weight_sync import (
 
 WORKER_EXTENSION = "aapo_megatron.rollout.worker_extension.WeightSyncExtension"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_dtype(dtype: str) -> str:
     """'auto' -> bfloat16 with CUDA, float32 on CPU; other names pass through (validated)."""
     if dtype == "auto":
         return "bfloat16" if torch.cuda.is_available() else "float32"
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown rollout dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}")
+    if dtype not in ENGINE_DTYPES:
+        raise ValueError(f"unknown rollout dtype {dtype!r}; expected one of auto, {', '.join(ENGINE_DTYPES)}")
     return dtype
 
 
@@ -251,7 +250,7 @@ class VLLMRolloutEngine(RolloutEngine):
             new_version = self._version + 1 if version is None else int(version)
             if new_version <= self._version:
                 raise ValueError(f"weight version must increase: current {self._version}, got {new_version}")
-            dtype = _DTYPES[self.dtype]
+            dtype = ENGINE_DTYPES[self.dtype]
 
             def mark_broken() -> None:
                 self._broken = (f"policy engine weights are incomplete: weight sync to version {new_version} failed "

@@ -150,9 +150,10 @@ class StageRunner:
         """Run one stage to completion (with the timeout)."""
         return self.wait(self.submit(stage, fn))
 
-    def close(self) -> None:
-        """Stop the worker thread without waiting for a hung stage."""
-        self._pool.shutdown()
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop the worker thread after its queued stages; waits up to `wait_s` seconds for them to finish
+        (never once a stage has timed out: that one is hung)."""
+        self._pool.shutdown(0.0 if self.timed_out else wait_s)
 
 
 class _DaemonWorker:
@@ -184,9 +185,11 @@ class _DaemonWorker:
         self._queue.put((fn, fut))
         return fut
 
-    def shutdown(self) -> None:
-        """Ask the worker to stop after the current call (never waits)."""
+    def shutdown(self, wait_s: float = 0.0) -> None:
+        """Ask the worker to stop after the queued calls; waits up to `wait_s` seconds for it to exit."""
         self._queue.put(None)
+        if wait_s > 0 and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
 
 
 def _next_bucket(it: Iterator[list[tuple[str, torch.Tensor]]]) -> Optional[list[tuple[str, torch.Tensor]]]:
@@ -299,8 +302,9 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
     """Stream HF-named tensors to `sink` as safetensors bucket files (in shm); returns the stats.
 
     Bucket k+1 is gathered and written while the sink loads bucket k, so at most two buckets exist at once.
-    Per-bucket files (sink.write None) are removed even on failure. A failure after `begin` calls `sink.abort` (unless the sink itself
-    hung) and re-raises; the receiver may then hold a mix of old and new weights.
+    Per-bucket files (sink.write None) are removed even on failure, after the bucket being written ends. A
+    failure after `begin` calls `sink.abort` (unless the sink itself hung) and re-raises; the receiver may then
+    hold a mix of old and new weights.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"weight sync bucket size must be > 0 bytes, got {bucket_bytes}")
@@ -353,7 +357,8 @@ def stream_via_files(sink: FileSink, named_tensors: Iterable[tuple[str, torch.Te
                 engine.run("abort", sink.abort)
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 pass
-        gather.close()
+        # A failed load leaves the next bucket's write running: let it end before its directory goes.
+        gather.close(wait_s=gather.timeout_s)
         engine.close()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -118,6 +118,26 @@ def test_stream_via_files_failure_aborts_and_cleans(tmp_path):
         stream_via_files(_DirSink().sink(), iter([]), bucket_bytes=0, timeout_s=30, shm_dir=str(tmp_path))
 
 
+def test_stream_via_files_failure_waits_for_the_bucket_being_written(tmp_path):
+    """When a load fails, the next bucket is still being gathered and written into the scratch directory;
+    the call returns only after that write ended and the directory is gone (CI once saw the directory left)."""
+    events = []
+
+    def slow_stream():
+        for name, t in _tensors():
+            if name == "w4":  # pulled to close bucket 2 ([w3]), which is gathered while bucket 1 fails to load
+                time.sleep(0.5)
+                events.append("bucket 2 gathered")
+            yield name, t
+
+    with pytest.raises(WeightSyncError, match="engine rejected"):
+        stream_via_files(_DirSink(fail_on_load=1).sink(), slow_stream(), bucket_bytes=1600, timeout_s=30,
+                         shm_dir=str(tmp_path))
+    events.append("returned")
+    assert events == ["bucket 2 gathered", "returned"]
+    assert os.listdir(tmp_path) == []
+
+
 def test_stream_via_files_hung_receiver_times_out_without_abort(tmp_path):
     release = threading.Event()
     calls = []

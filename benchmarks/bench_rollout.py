@@ -6,8 +6,10 @@
 2. Weight sync: HF-named tensors of a ~100M-parameter model streamed into the policy engine in buckets
    (shm transport), vs writing the same bytes to /dev/shm with safetensors (target <= 2x). Write and sync
    alternate, best of --repeats each; the first sync (which creates the reusable shm slots) is reported apart.
+3. Engine close: seconds of `close()` on a small engine with the vLLM plugin's quick exit and without it
+   (AAPO_VLLM_QUICK_EXIT=0), alternating, and the engine cores' exit codes (None or -9: vLLM killed it after 5 s).
 
-    .venv/bin/python benchmarks/bench_rollout.py                 # both
+    .venv/bin/python benchmarks/bench_rollout.py                 # all three
     .venv/bin/python benchmarks/bench_rollout.py --skip-generate --sync-layers 12
 
 Models are random (config only, no download). Numbers depend on the machine's load: run it alone.
@@ -194,10 +196,47 @@ def bench_sync(args, workdir: str) -> dict:
             "per_bucket_mb": per_bucket, "vllm_native_reload_s": min(native_s), "first_sync_s": first_sync_s}
 
 
+def bench_close(args, workdir: str) -> dict:
+    """Median close() seconds and the engine cores' exit codes, with and without the plugin's quick exit."""
+    import statistics
+
+    from aapo_megatron.rollout.engine import SamplingSpec
+    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
+    from aapo_megatron.rollout.vllm_plugin import QUICK_EXIT_ENV
+
+    path = os.path.join(workdir, "close_model")
+    make_llama(path, 256, 2, 32000, 1024, 4)
+    runs: dict[str, dict[str, list]] = {v: {"close_s": [], "start_s": [], "exit_codes": []} for v in ("1", "0")}
+    saved = os.environ.get(QUICK_EXIT_ENV)
+    try:
+        for _ in range(args.close_repeats):
+            for value, run in runs.items():
+                os.environ[QUICK_EXIT_ENV] = value  # the engine's processes read it when they start
+                t0 = time.perf_counter()
+                engine = VLLMRolloutEngine(path, dtype="float32", kv_cache_bytes=64 << 20, max_model_len=256,
+                                           cpu_threads_bind=args.threads_bind)
+                run["start_s"].append(time.perf_counter() - t0)
+                engine.generate([[5, 6, 7]], SamplingSpec(max_tokens=8))
+                procs = list(engine.llm.llm_engine.engine_core.resources.engine_manager.processes)
+                t0 = time.perf_counter()
+                engine.close()
+                run["close_s"].append(time.perf_counter() - t0)
+                run["exit_codes"] += [p.exitcode for p in procs]
+    finally:
+        if saved is None:
+            os.environ.pop(QUICK_EXIT_ENV, None)
+        else:
+            os.environ[QUICK_EXIT_ENV] = saved
+    return {("quick_exit" if v == "1" else "vllm_default"): {**r, "close_median_s": statistics.median(r["close_s"])}
+            for v, r in runs.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
+    p.add_argument("--skip-close", action="store_true")
+    p.add_argument("--close-repeats", type=int, default=2, help="engines started and closed per variant")
     p.add_argument("--gen-hidden", type=int, default=768)
     p.add_argument("--gen-layers", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8)
@@ -255,6 +294,15 @@ def main(argv=None) -> int:
             print(f"  vLLM's own reload_weights from a ready /dev/shm file: "
                   f"{s['vllm_native_reload_s']:.3f} s = {s['vllm_native_reload_s'] / s['shm_write_s']:.2f}x the write")
             print(f"  stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["stage_seconds"].items()))
+        if not args.skip_close:
+            c = bench_close(args, workdir)
+            results["close"] = c
+            q, d = c["quick_exit"], c["vllm_default"]
+            print(f"\n== engine close ({args.close_repeats} engines each, alternating)")
+            for name, r in (("plugin quick exit", q), ("vLLM default (AAPO_VLLM_QUICK_EXIT=0)", d)):
+                print(f"  {name:<38} close {r['close_median_s']:.2f} s (median of "
+                      f"{', '.join(f'{x:.2f}' for x in r['close_s'])}); engine-core exit codes {r['exit_codes']}")
+            print(f"  quick exit / default: {q['close_median_s'] / d['close_median_s']:.2f}x")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:

@@ -1,4 +1,5 @@
-"""The vLLM general plugin that stops idle vLLM-CPU engines from spinning (rollout/vllm_plugin.py)."""
+"""The vLLM general plugin that stops idle vLLM-CPU engines from spinning and lets them exit quickly
+(rollout/vllm_plugin.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import time
 import pytest
 
 from aapo_megatron.rollout.engine import SamplingSpec
-from aapo_megatron.rollout.vllm_plugin import SPIN_ENV, idle_spin_seconds
+from aapo_megatron.rollout.vllm_plugin import (
+    QUICK_EXIT_ENV,
+    SPIN_ENV,
+    freeze_heap_at_exit,
+    idle_spin_seconds,
+    quick_exit_enabled,
+)
 from tests.rollout.conftest import PROMPTS
 
 
@@ -25,6 +32,16 @@ def test_spin_window_from_the_environment(monkeypatch):
     monkeypatch.setenv(SPIN_ENV, "-1")
     with pytest.raises(ValueError, match=r"must be >= 0 seconds"):
         idle_spin_seconds()
+
+
+def test_quick_exit_switch_from_the_environment(monkeypatch):
+    monkeypatch.delenv(QUICK_EXIT_ENV, raising=False)
+    assert quick_exit_enabled()
+    monkeypatch.setenv(QUICK_EXIT_ENV, "0")
+    assert not quick_exit_enabled()
+    monkeypatch.setenv(QUICK_EXIT_ENV, "yes")
+    with pytest.raises(ValueError, match=r"AAPO_VLLM_QUICK_EXIT must be 0 or 1, got 'yes'"):
+        quick_exit_enabled()
 
 
 def test_vllm_loads_the_plugin_as_it_does_in_its_engine_processes():
@@ -48,6 +65,43 @@ def test_vllm_loads_the_plugin_as_it_does_in_its_engine_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "0.25"]
+
+
+class _CycleWithFinalizer:
+    """Garbage only the cyclic collector can free; its finalizer leaves a mark in a file."""
+
+    def __init__(self, mark: str):
+        import pathlib
+
+        self.write_mark, self.me = pathlib.Path(mark).write_text, self  # bound now: no global lookups at exit
+
+    def __del__(self):
+        self.write_mark("collected")
+
+
+def _child_exits_with_cyclic_garbage(mark: str, quick_exit: bool) -> None:
+    if quick_exit:
+        assert freeze_heap_at_exit()
+    import gc
+
+    gc.disable()  # leave the cycle to the interpreter's final collection
+    _CycleWithFinalizer(mark)
+
+
+@pytest.mark.parametrize("quick_exit", [False, True])
+def test_quick_exit_skips_the_final_collection_in_child_processes(tmp_path, quick_exit):
+    """The interpreter's last garbage collection (seconds in a vLLM process) runs without the plugin and is
+    skipped with it; the process that made the engine is left alone."""
+    import multiprocessing
+
+    assert not freeze_heap_at_exit()  # pytest's own process is not a child
+    mark = str(tmp_path / "mark")
+    proc = multiprocessing.get_context("spawn").Process(target=_child_exits_with_cyclic_garbage,
+                                                        args=(mark, quick_exit))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert os.path.exists(mark) is (not quick_exit)
 
 
 def _vllm_cpu_seconds() -> float:

@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-sync-timeout-s", type=float, default=600.0, help="per-stage engine timeout, seconds")
+    p.add_argument("--cpu-cores", default=None,
+                   help="CPU hosts: cores for the engine's threads, as VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3); default all "
+                        "of this process's cores. Give two servers on one host disjoint lists")
     return p
 
 
@@ -356,7 +359,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     engine = VLLMRolloutEngine(args.model, role=args.role, dtype=args.dtype, memory_fraction=args.memory_fraction,
                                max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-                               seed=args.seed, weight_sync_timeout_s=args.weight_sync_timeout_s)
+                               seed=args.seed, weight_sync_timeout_s=args.weight_sync_timeout_s,
+                               cpu_threads_bind=args.cpu_cores)
     server = RolloutServer(engine, args.host, args.port, token, args.auth_generate,
                            int(args.max_request_mb * 2**20), args.session_timeout_s)
     log.info("serving %s (%s) on %s", args.model, args.role, server.url)

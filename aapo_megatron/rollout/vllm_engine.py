@@ -123,7 +123,11 @@ class VLLMRolloutEngine(RolloutEngine):
         shm_dir: Optional[str] = None,
         **llm_kwargs: Any,
     ):
-        """Load `model_path` (HF dir with config.json + safetensors). kv_cache_bytes overrides memory_fraction."""
+        """Load `model_path` (HF dir with config.json + safetensors). kv_cache_bytes overrides memory_fraction.
+
+        cpu_threads_bind (CPU hosts): VLLM_CPU_OMP_THREADS_BIND for this engine, e.g. "0" or "0-3"; "auto" is
+        vLLM's own one-core binding; None gives a single-rank engine every core of this process.
+        """
         if role not in ("policy", "reference"):
             raise ValueError(f"role must be 'policy' or 'reference', got {role!r}")
         cfg_path = os.path.join(model_path, "config.json")
@@ -168,6 +172,8 @@ class VLLMRolloutEngine(RolloutEngine):
         if role == "policy" and self.transport == "nccl":
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         kwargs.update(llm_kwargs)
+        if cpu_threads_bind is None and tensor_parallel_size == 1:
+            cpu_threads_bind = all_cpu_cores_bind()
         t0 = time.perf_counter()
         # vLLM's processes read these from the environment when they start; set them only for that.
         # Their ZMQ socket files go to a directory of this engine's, removed by close().
@@ -385,6 +391,19 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
 
 def _bind(cpus: Optional[str]) -> dict[str, str]:
     return {} if cpus is None else {"cpu_threads_bind": cpus}
+
+
+def all_cpu_cores_bind() -> Optional[str]:
+    """VLLM_CPU_OMP_THREADS_BIND for an engine that generates alone: every core this process may use.
+
+    vLLM-CPU's own default (`auto`) runs an engine on one core and leaves the others idle. On 2 cores, binding
+    both made a lone 12M-parameter policy engine generate in 0.68x the time (GRPO, `bench_step.py`); at the
+    0.4M quickstart size the two were within noise. None on GPU hosts, and when VLLM_CPU_OMP_THREADS_BIND is
+    set (yours wins).
+    """
+    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
 def split_cpu_cores(cores: Sequence[int]) -> tuple[str, str]:

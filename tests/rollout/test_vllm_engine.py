@@ -212,9 +212,30 @@ def test_background_job_hands_its_exception_to_the_caller():
         in_background(boom).result(timeout=10)
 
 
-def test_engine_keeps_its_socket_files_in_its_own_directory_and_removes_it(model_dirs):
-    """vLLM names a ZMQ socket file per queue in the temp dir and never removes them; ours go to a directory
-    of the engine's own, removed on close."""
+def _worker_thread_cores(core_pid: int) -> set[int]:
+    """The cores the threads of the engine core's vLLM worker process may run on (Linux /proc)."""
+    cores: set[int] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            if ppid != core_pid:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                    allowed = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("Cpus_allowed_list"))
+                for part in allowed.split(","):
+                    lo, _, hi = part.partition("-")
+                    cores.update(range(int(lo), int(hi or lo) + 1))
+        except (OSError, StopIteration):
+            continue
+    return cores
+
+
+def test_lone_engine_uses_every_core_keeps_its_sockets_apart_and_exits_by_itself(model_dirs):
+    """A lone engine's threads get every core of this process (vLLM's own binding keeps it on one). vLLM names
+    a ZMQ socket file per queue in the temp dir and never removes them; ours go to a directory of the engine's
+    own, removed on close. Closing lets the engine core exit by itself (the plugin's quick exit)."""
     import re
     import tempfile
 
@@ -232,6 +253,7 @@ def test_engine_keeps_its_socket_files_in_its_own_directory_and_removes_it(model
         assert "VLLM_RPC_BASE_PATH" not in os.environ, "the process environment must be left as it was"
         engine.generate(PROMPTS[:1], SamplingSpec(max_tokens=2))
         core_procs = list(engine.llm.llm_engine.engine_core.resources.engine_manager.processes)
+        assert _worker_thread_cores(core_procs[0].pid) == os.sched_getaffinity(0)
     finally:
         engine.close()
     assert not os.path.exists(ipc_dir)

@@ -267,10 +267,13 @@ def test_training_against_rollout_servers(tmp_path):
 
     model = _start_model(tmp_path)
     env = dict(_env(), AAPO_ROLLOUT_TOKEN="e2e-token")
+    from aapo_megatron.rollout.vllm_engine import split_cpu_cores
+
     ports = {"policy": free_port(), "reference": free_port()}
+    cores = dict(zip(ports, split_cpu_cores(sorted(os.sched_getaffinity(0)))))  # two servers, one host
     logs = {role: str(tmp_path / f"{role}-server.log") for role in ports}
     servers = {role: subprocess.Popen([os.path.join(BIN, "aapo-rollout-server"), "--model", model, "--role", role,
-                                       "--port", str(port), "--max-model-len", "128"],
+                                       "--port", str(port), "--max-model-len", "128", "--cpu-cores", cores[role]],
                                       env=env, stdout=open(logs[role], "w"), stderr=subprocess.STDOUT,
                                       start_new_session=True)
                for role, port in ports.items()}
@@ -286,6 +289,7 @@ def test_training_against_rollout_servers(tmp_path):
         for role, port in ports.items():
             if not _wait_for(lambda: healthy(port), servers[role], 300):
                 pytest.fail(f"the {role} server did not come up:\n{open(logs[role]).read()[-3000:]}")
+            assert f"VLLM_CPU_OMP_THREADS_BIND={cores[role]!r}" in open(logs[role]).read()  # --cpu-cores reached vLLM
         run_dir = str(tmp_path / "run")
         urls = [f"rollout.server_url=http://127.0.0.1:{ports['policy']}",
                 f"rollout.reference_server_url=http://127.0.0.1:{ports['reference']}"]

@@ -81,7 +81,7 @@ def freeze_heap_at_exit() -> bool:
     heap when the interpreter exits so its final garbage collection skips it; returns whether it applies."""
     if multiprocessing.parent_process() is None:
         return False
-    atexit.register(gc.freeze)  # registered first, so it runs after every other exit handler
+    atexit.register(gc.freeze)  # registered at plugin load: it runs after the handlers vLLM registers later
     return True
 
 

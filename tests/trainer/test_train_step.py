@@ -130,8 +130,12 @@ def test_layouts_agree(baseline, world, tp, pp, budget):
         assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-6)  # loss
         assert got[1] == pytest.approx(want[1], rel=1e-4)  # grad norm (pre-clip)
         assert got[2] == want[2]  # token count of the step
+    # Adam divides by sqrt(v) + 1e-8, so an element whose gradient is near 1e-8 moves by an amount that follows
+    # the gradient's rounding, and TP sums the gradient in another order: on an Intel Xeon (AMX) one v_proj
+    # element of 8192 differed by 2.1e-5 after two updates. atol is 1% of lr (1e-2); a layout bug moves
+    # weights by about lr.
     for name, w in baseline["weights"].items():
-        torch.testing.assert_close(out[0]["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(out[0]["weights"][name], w, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def _assert_same_updates(got_run, want_run):

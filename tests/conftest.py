@@ -1,4 +1,9 @@
-"""Shared pytest setup."""
+"""Shared pytest setup.
+
+On a machine without CUDA the `gpu` tests are deselected, and the run says so in its summary: they run
+through `make gpu-check` on a GPU machine. Under CI (`CI` set), a test that skips itself fails the run:
+nothing in CI may be skipped silently.
+"""
 
 import os
 
@@ -9,13 +14,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+_GPU_DESELECTED = []
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    keep = [item for item in items if "gpu" not in item.keywords]
+    _GPU_DESELECTED[:] = [item for item in items if "gpu" in item.keywords]
+    if _GPU_DESELECTED:
+        config.hook.pytest_deselected(items=_GPU_DESELECTED)
+        items[:] = keep
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if _in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, which must run every test: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _GPU_DESELECTED:
+        terminalreporter.write_line(
+            f"{len(_GPU_DESELECTED)} tests marked `gpu` were deselected: no CUDA device here. "
+            "They run with `make gpu-check` on a machine with a GPU.", yellow=True)

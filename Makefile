@@ -10,7 +10,7 @@ DEPS_STAMP  := $(VENV)/.stamp-deps
 PKG_STAMP   := $(VENV)/.stamp-pkg
 PYTEST_ARGS ?=
 
-.PHONY: venv deps build test test-fast demo bench bench-trl sample-efficiency cuda-check clean
+.PHONY: venv deps build test test-fast demo bench bench-trl sample-efficiency cuda-check gpu-check clean
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -58,6 +58,10 @@ sample-efficiency: build
 
 cuda-check:
 	bash .ci/cuda_check.sh
+
+# On a GPU machine (torch with CUDA, nvcc; no .venv, no network): build, tests/gpu, kernel timings, CUDA IPC; one table.
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf build aapo_megatron/_C*.so *.egg-info

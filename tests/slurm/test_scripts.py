@@ -36,7 +36,7 @@ def test_shellcheck_clean():
         apt_install(("shellcheck",), ("shellcheck",))
     except SlurmUnavailable as exc:
         pytest.skip(f"shellcheck unavailable: {exc}")
-    rel = [os.path.relpath(p, REPO) for p in SCRIPTS] + [".ci/slurm_setup.sh"]
+    rel = [os.path.relpath(p, REPO) for p in SCRIPTS] + [".ci/slurm_setup.sh", "tools/gpu_check.sh"]
     proc = subprocess.run([which("shellcheck"), "-x", "--severity=style", *rel], cwd=REPO, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -29,6 +29,10 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (newest valid checkpoint, if any) or a checkpoint directory; "
                                     "shorthand for --set checkpoint.resume=...")
     p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and doc")
+    p.add_argument("--plan", action="store_true", help="print the memory plan per device and exit (2 if it does not "
+                                                       "fit); plan.* keys set the device, platform and reserve")
+    p.add_argument("--world-size", type=int, help="--plan: ranks of the run (default: WORLD_SIZE / SLURM_NTASKS, "
+                                                  "else TP x PP)")
     return p
 
 
@@ -50,9 +54,33 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         print(f"aapo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _quiet_known_warnings()
+    from aapo_megatron.trainer.memory_plan import check_plan, launch_world_size
+
+    if args.plan:
+        return _print_plan(cfg, args.world_size or launch_world_size())
+    if cfg.plan.enforce:
+        try:
+            check_plan(cfg)
+        except ConfigError as exc:
+            print(f"aapo-train: config error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     from aapo_megatron.trainer.loop import run_training
 
     return run_training(cfg)
+
+
+def _print_plan(cfg, world_size: Optional[int]) -> int:
+    """aapo-train --plan: the table on stdout; exit 0 if it fits, 2 if not (or the model cannot be read)."""
+    from aapo_megatron.config import ConfigError
+    from aapo_megatron.trainer.memory_plan import arch_for_plan, plan_memory
+
+    try:
+        plan = plan_memory(cfg, arch_for_plan(cfg), world_size)
+    except ConfigError as exc:
+        print(f"aapo-train: config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(plan.table())
+    return EXIT_OK if plan.fits else EXIT_BAD_INPUT
 
 
 def _quiet_known_warnings() -> None:

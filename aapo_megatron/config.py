@@ -318,6 +318,22 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory plan checked before a run starts (`aapo-train --plan` prints it)."""
+
+    device_memory_gb: float = 80.0
+    """Memory of one device, GiB, when there is no GPU to read it from."""
+    reserve_gb: float = 3.0
+    """Set aside per device for the CUDA context, communicator buffers and allocator slack, GiB."""
+    hf_config: Optional[str] = None
+    """config.json of the model, for planning before model.path exists (model.path's own config wins)."""
+    enforce: bool = True
+    """Refuse to start (exit 2) when the plan does not fit."""
+    platform: Literal["auto", "gpu", "cpu"] = "auto"
+    """Plan for GPUs (Transformer Engine spec, distributed optimizer) or the CPU path; auto = this machine."""
+
+
+@dataclass
 class Config:
     """Complete run configuration."""
 
@@ -341,6 +357,8 @@ class Config:
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """Memory plan."""
 
     def validate(self, world_size: Optional[int] = None) -> "Config":
         """Check ranges and cross-field constraints; raise ConfigError naming the key. Returns self."""
@@ -690,6 +708,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     c = cfg.checkpoint
     _non_negative(c, "checkpoint", "save_every")
     _positive(c, "checkpoint", "keep_last")
+    _positive(cfg.plan, "plan", "device_memory_gb")
+    _non_negative(cfg.plan, "plan", "reserve_gb")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -7,7 +7,8 @@ For each pipeline stage it counts, on one device of that stage:
   (min(PP - stage, micro-batches)), with sequence parallel and activation recompute;
 - the logits (the fused log-prob op keeps them and computes their gradient in place);
 - colocated vLLM engines: each takes `rollout.memory_fraction` of the device (vLLM's budget for its
-  weights and KV cache); with sleep mode they hold nothing while Megatron trains;
+  weights and KV cache); on GPU they sleep while Megatron trains, so the device is planned twice: training
+  (engines asleep) and generation (engines awake, Megatron's weights, gradients and optimizer resident);
 - on GPU, a fixed reserve for the CUDA context, communicator buffers and allocator slack (`plan.reserve_gb`).
 
 The activation model counts, per token and layer, the tensors autograd saves in our layer specs (measured
@@ -49,6 +50,8 @@ class StagePlan:
 
     stage: int
     items: list[PlanItem] = field(default_factory=list)
+    phase: str = "training"
+    other_phase_total: Optional[int] = None  # the other phase's total, when colocated engines make two
 
     @property
     def total(self) -> int:
@@ -83,11 +86,14 @@ class MemoryPlan:
         """The plan as a printable table (the fullest stage itemised, one total per stage)."""
         worst = self.worst
         lines = [f"memory plan ({self.layout}); device capacity {self.capacity / GIB:.1f} GiB ({self.capacity_source})",
-                 f"  stage {worst.stage} (the fullest device):",
+                 f"  stage {worst.stage} (the fullest device), {worst.phase} phase:",
                  f"    {'item':<34}{'GiB':>9}  how"]
         for item in worst.items:
             lines.append(f"    {item.name:<34}{item.bytes / GIB:>9.2f}  {item.note}")
         lines.append(f"    {'total':<34}{worst.total / GIB:>9.2f}  {100 * worst.total / self.capacity:.0f}% of the device")
+        if worst.other_phase_total is not None:
+            other = "training" if worst.phase == "generation" else "generation"
+            lines.append(f"    ({other} phase: {worst.other_phase_total / GIB:.2f} GiB)")
         if len(self.stages) > 1:
             lines.append("  per stage: " + ", ".join(f"{s.stage}: {s.total / GIB:.2f} GiB" for s in self.stages))
         lines.append("  fits" if self.fits else
@@ -199,7 +205,7 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
     dist_opt = cuda and dp > 1
     m = micro_batches_per_update(cfg, dp)
     engines = colocated_engines(cfg)
-    sleeping = bool(getattr(cfg.rollout, "sleep_mode", False))
+    sleeping = cuda  # colocated GPU engines sleep while Megatron trains (vLLM's sleep is a no-op on CPU)
     stages = []
     for stage in range(pp):
         n = stage_parameters(spec, tp, pp, stage)
@@ -231,8 +237,10 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
             awake = [i for i in items if i.name not in ("activations", "logits + log-prob buffers")]
             awake = [PlanItem(i.name, int(engines * cfg.rollout.memory_fraction * capacity), "awake, generating")
                      if i.name.startswith("vLLM") else i for i in awake]
-            if sum(i.bytes for i in awake) > stages[-1].total:
-                stages[-1] = StagePlan(stage, awake)
+            gen = StagePlan(stage, awake, phase="generation", other_phase_total=stages[-1].total)
+            stages[-1].other_phase_total = gen.total
+            if gen.total > stages[-1].total:
+                stages[-1] = gen
     layout = f"TP={tp} PP={pp} DP={dp}, {dtype}".replace("torch.", "")
     return MemoryPlan(capacity=capacity, capacity_source=source, stages=stages, layout=layout)
 

@@ -612,6 +612,9 @@ def model_shape(cfg: Config) -> dict[str, int]:
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Range and cross-field checks. `world_size` (when known) must be divisible by TP*PP."""
+    from aapo_megatron.config_checks import check_finite, check_upfront
+
+    check_finite(cfg)  # inf / NaN anywhere (YAML .inf, --set x=nan), before the range checks below
     s = cfg.model.scratch
     _positive(s, "model.scratch", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
               "ffn_hidden_size", "vocab_size", "max_position_embeddings", "rope_theta")
@@ -690,6 +693,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     c = cfg.checkpoint
     _non_negative(c, "checkpoint", "save_every")
     _positive(c, "checkpoint", "keep_last")
+    check_upfront(cfg)  # reward names, server placement with SFT, data files
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -35,6 +35,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: Optional[list[str]] = None) -> int:
     """aapo-train --config X.yaml [--set k=v ...] [--resume auto]."""
     from aapo_megatron.config import ConfigError, describe, load_config
+    from aapo_megatron.config_checks import check_input_files
 
     args = _train_parser().parse_args(argv)
     if args.help_config:
@@ -46,6 +47,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     try:
         cfg = load_config(args.config, overrides)
+        check_input_files(cfg)  # data files exist and open, before any rank loads a tokenizer or a model
     except ConfigError as exc:
         print(f"aapo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

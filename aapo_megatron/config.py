@@ -196,9 +196,9 @@ class DataConfig:
     source: Literal["jsonl", "parquet", "reasoning_gym"] = "reasoning_gym"
     """Where prompts come from."""
     train_path: Optional[str] = None
-    """Training prompts file (jsonl / parquet)."""
+    """Training prompts file (jsonl, gzip-compressed jsonl.gz / parquet)."""
     eval_path: Optional[str] = None
-    """Held-out prompts file (jsonl / parquet)."""
+    """Held-out prompts file (jsonl, gzip-compressed jsonl.gz / parquet)."""
     prompt_key: str = "problem"
     """Column holding the question (problem / question / prompt); a dotted path reaches nested fields. Text or a list of chat messages."""
     answer_key: str = "answer"
@@ -693,7 +693,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     c = cfg.checkpoint
     _non_negative(c, "checkpoint", "save_every")
     _positive(c, "checkpoint", "keep_last")
-    check_upfront(cfg)  # reward names, server placement with SFT, data files
+    check_upfront(cfg)  # reward names against the registry, server placement with SFT
 
 
 def dump_yaml(cfg: Config) -> str:

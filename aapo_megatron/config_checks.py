@@ -1,7 +1,9 @@
 """Up-front checks of a loaded config that look beyond single fields: non-finite numbers anywhere, reward names
-against the reward registry, prompt files on disk, and server placement with an SFT warm start.
+against the reward registry, server placement with an SFT warm start, and prompt files on disk.
 
-`config.validate` (and the eval config's validation) call these so that such mistakes exit 2 before any
+`config.validate` calls `check_finite` and `check_upfront`, the eval config's validation `check_finite` and
+`check_reward_names`; `aapo-train` calls `check_input_files` right after loading the config (validation itself
+stays independent of the machine, so that configs naming data on a cluster filesystem load anywhere). Either way a mistake exits 2 before any
 tokenizer, model, SFT step, engine or data loading starts. Each raises `ConfigError` naming the key.
 """
 
@@ -40,23 +42,6 @@ def check_reward_names(functions: Mapping[str, float], key: str = "reward.functi
             raise ConfigError(f"'{key}.{name}': {exc}") from None
 
 
-def check_data_files(data: Any) -> None:
-    """ConfigError unless `data.train_path` / `data.eval_path` (file sources) exist and can be opened (and a
-    *.gz one is gzip data); `data` is a DataConfig."""
-    if data.source not in ("jsonl", "parquet"):
-        return
-    from aapo_megatron.data.readers import DataError, check_readable
-
-    for name in ("train_path", "eval_path"):
-        path = getattr(data, name)
-        if path is None:
-            continue
-        try:
-            check_readable(path)
-        except DataError as exc:
-            raise ConfigError(f"'data.{name}': {exc}") from None
-
-
 def check_server_with_sft(cfg: Any) -> None:
     """ConfigError for rollout.placement=server with an SFT warm start when the algorithm samples the reference:
     the reference server serves the model it was started with, which cannot be this run's warm start."""
@@ -74,8 +59,25 @@ def check_server_with_sft(cfg: Any) -> None:
 
 
 def check_upfront(cfg: Any) -> None:
-    """The checks of a training Config that need the registries or the filesystem (`cfg` is a Config)."""
+    """The checks of a training Config that need the registries (`cfg` is a Config)."""
     if cfg.algorithm.name != "sft":
         check_reward_names(cfg.reward.functions)
     check_server_with_sft(cfg)
-    check_data_files(cfg.data)
+
+
+def check_input_files(cfg: Any) -> None:
+    """ConfigError unless `data.train_path` / `data.eval_path` (file sources) exist and can be opened (and a
+    *.gz one is gzip data); `cfg` is a Config."""
+    data = cfg.data
+    if data.source not in ("jsonl", "parquet"):
+        return
+    from aapo_megatron.data.readers import DataError, check_readable
+
+    for name in ("train_path", "eval_path"):
+        path = getattr(data, name)
+        if path is None:
+            continue
+        try:
+            check_readable(path)
+        except DataError as exc:
+            raise ConfigError(f"'data.{name}': {exc}") from None

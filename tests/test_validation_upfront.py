@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from aapo_megatron.config import ConfigError, load_config
+from aapo_megatron.config_checks import check_input_files
 from aapo_megatron.eval.config import load_eval_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,30 +103,33 @@ def test_non_finite_numbers_in_yaml_files(tmp_path):
 
 
 def test_data_files_missing_or_unreadable(tmp_path):
-    base = ["data.source=jsonl", "data.train_tokenizer=false"]
+    """aapo-train checks the data files right after loading the config (`check_input_files`)."""
+    def check(*overrides):
+        check_input_files(load_config(None, ["data.source=jsonl", "data.train_tokenizer=false", *overrides]))
+
     missing = tmp_path / "missing.jsonl"
     with pytest.raises(ConfigError) as err:
-        load_config(None, base + [f"data.train_path={missing}"])
+        check(f"data.train_path={missing}")
     assert str(err.value) == f"'data.train_path': prompt file not found: {missing}"
     good = tmp_path / "train.jsonl"
     good.write_text('{"problem": "1+1", "answer": "2"}\n')
     with pytest.raises(ConfigError) as err:
-        load_config(None, base + [f"data.train_path={good}", f"data.eval_path={missing}"])
+        check(f"data.train_path={good}", f"data.eval_path={missing}")
     assert str(err.value) == f"'data.eval_path': prompt file not found: {missing}"
     with pytest.raises(ConfigError) as err:
-        load_config(None, base + [f"data.train_path={tmp_path}"])
+        check(f"data.train_path={tmp_path}")
     assert str(err.value) == f"'data.train_path': {tmp_path}: not a regular file"
     fake_gz = tmp_path / "train.jsonl.gz"
     fake_gz.write_text('{"problem": "1+1", "answer": "2"}\n')
     with pytest.raises(ConfigError) as err:
-        load_config(None, base + [f"data.train_path={fake_gz}"])
+        check(f"data.train_path={fake_gz}")
     assert str(err.value) == f"'data.train_path': {fake_gz}: named .gz but not gzip data"
     real_gz = tmp_path / "real.jsonl.gz"
     with gzip.open(real_gz, "wt") as fh:
         fh.write('{"problem": "1+1", "answer": "2"}\n')
-    assert load_config(None, base + [f"data.train_path={real_gz}"]).data.train_path == str(real_gz)
-    # reasoning-gym generates its prompts: a stale path there is not read, so not checked.
-    load_config(None, ["data.source=reasoning_gym", f"data.train_path={missing}"])
+    check(f"data.train_path={real_gz}", f"data.eval_path={good}")
+    # reasoning-gym generates its prompts: a stale path there is never read, so not checked.
+    check_input_files(load_config(None, ["data.source=reasoning_gym", f"data.train_path={missing}"]))
 
 
 def test_server_placement_with_sft_warm_start_is_refused_up_front():

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from aapo_megatron.config import ConfigError, load_config
-from aapo_megatron.config_checks import check_input_files
 from aapo_megatron.eval.config import load_eval_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +19,8 @@ SMALL = ["trainer.sft_steps=2", "trainer.sft_batch_size=8", "data.train_size=64"
 
 
 def _train_cli(run_dir, *overrides):
-    args = [sys.executable, "-c", "import sys; from aapo_megatron.cli import train_main; sys.exit(train_main())",
-            "--config", QUICKSTART, "--set", f"trainer.run_dir={run_dir}"]
+    args = [os.path.join(os.path.dirname(sys.executable), "aapo-train"), "--config", QUICKSTART,
+            "--set", f"trainer.run_dir={run_dir}"]
     for item in SMALL + list(overrides):
         args += ["--set", item]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
@@ -30,16 +29,16 @@ def _train_cli(run_dir, *overrides):
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("reward.functions={acuracy: 1.0}",
+@pytest.mark.parametrize("overrides, message", [
+    (["reward.functions={acuracy: 1.0}"],
      "aapo-train: config error: 'reward.functions.acuracy': unknown reward function 'acuracy' "
      "(did you mean 'accuracy'?)"),
-    ("data.train_path=/nonexistent/train.jsonl.gz",
+    (["data.source=jsonl", "data.train_path=/nonexistent/train.jsonl.gz"],
      "aapo-train: config error: 'data.train_path': prompt file not found: /nonexistent/train.jsonl.gz"),
 ])
-def test_cli_refuses_before_any_work(tmp_path, override, message):
+def test_cli_refuses_before_any_work(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
-    proc = _train_cli(run_dir, override, "data.source=jsonl" if override.startswith("data.") else "data.seed=1234")
+    proc = _train_cli(run_dir, *overrides)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert message in proc.stderr, out[-3000:]
@@ -104,6 +103,8 @@ def test_non_finite_numbers_in_yaml_files(tmp_path):
 
 def test_data_files_missing_or_unreadable(tmp_path):
     """aapo-train checks the data files right after loading the config (`check_input_files`)."""
+    from aapo_megatron.config_checks import check_input_files
+
     def check(*overrides):
         check_input_files(load_config(None, ["data.source=jsonl", "data.train_tokenizer=false", *overrides]))
 

@@ -39,6 +39,7 @@ def _train_parser() -> argparse.ArgumentParser:
 def train_main(argv: Optional[list[str]] = None) -> int:
     """aapo-train --config X.yaml [--set k=v ...] [--resume auto]."""
     from aapo_megatron.config import ConfigError, describe, load_config
+    from aapo_megatron.config_checks import check_input_files
 
     args = _train_parser().parse_args(argv)
     if args.help_config:
@@ -56,14 +57,15 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     _quiet_known_warnings()
     from aapo_megatron.trainer.memory_plan import check_plan, launch_world_size
 
-    if args.plan:
+    if args.plan:  # plans a run whose data and checkpoint may not exist yet
         return _print_plan(cfg, args.world_size or launch_world_size())
-    if cfg.plan.enforce:
-        try:
+    try:
+        check_input_files(cfg)  # data files exist and open, before any rank loads a tokenizer or a model
+        if cfg.plan.enforce:
             check_plan(cfg)
-        except ConfigError as exc:
-            print(f"aapo-train: config error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+    except ConfigError as exc:
+        print(f"aapo-train: config error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from aapo_megatron.trainer.loop import run_training
 
     return run_training(cfg)

@@ -196,9 +196,9 @@ class DataConfig:
     source: Literal["jsonl", "parquet", "reasoning_gym"] = "reasoning_gym"
     """Where prompts come from."""
     train_path: Optional[str] = None
-    """Training prompts file (jsonl / parquet)."""
+    """Training prompts file (jsonl, gzip-compressed jsonl.gz / parquet)."""
     eval_path: Optional[str] = None
-    """Held-out prompts file (jsonl / parquet)."""
+    """Held-out prompts file (jsonl, gzip-compressed jsonl.gz / parquet)."""
     prompt_key: str = "problem"
     """Column holding the question (problem / question / prompt); a dotted path reaches nested fields. Text or a list of chat messages."""
     answer_key: str = "answer"
@@ -630,6 +630,9 @@ def model_shape(cfg: Config) -> dict[str, int]:
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Range and cross-field checks. `world_size` (when known) must be divisible by TP*PP."""
+    from aapo_megatron.config_checks import check_finite, check_upfront
+
+    check_finite(cfg)  # inf / NaN anywhere (YAML .inf, --set x=nan), before the range checks below
     s = cfg.model.scratch
     _positive(s, "model.scratch", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
               "ffn_hidden_size", "vocab_size", "max_position_embeddings", "rope_theta")
@@ -710,6 +713,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(c, "checkpoint", "keep_last")
     _positive(cfg.plan, "plan", "device_memory_gb")
     _non_negative(cfg.plan, "plan", "reserve_gb")
+    check_upfront(cfg)  # reward names against the registry, server placement with SFT
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -117,6 +117,9 @@ class EvalConfig:
 
 def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     """Range checks; ConfigError naming the key. Returns cfg."""
+    from aapo_megatron.config_checks import check_finite, check_reward_names
+
+    check_finite(cfg)
     s = cfg.sampling
 
     def check(ok: bool, key: str, msg: str, value: Any) -> None:
@@ -139,6 +142,7 @@ def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1", cfg.reward.num_workers)
     check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", cfg.reward.timeout_s)
     check(bool(cfg.reward.functions), "reward.functions", "must name at least one reward function", cfg.reward.functions)
+    check_reward_names(cfg.reward.functions)  # before the next check: a misspelling gets a did-you-mean
     check(any(f in cfg.reward.functions for f in ("accuracy", "reasoning_gym")), "reward.functions",
           "must include a correctness function (accuracy or reasoning_gym) to score answers", cfg.reward.functions)
     return cfg

@@ -10,9 +10,6 @@ from typing import Any
 
 from aapo_megatron.rewards.registry import RewardError, RewardInput, register_reward
 
-# Imported here so the forkserver preloads sympy/math-verify once for every worker.
-import aapo_megatron.rewards.equivalence  # noqa: F401,E402
-
 
 @register_reward("accuracy")
 def accuracy(x: RewardInput) -> float:

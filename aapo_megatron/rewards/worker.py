@@ -50,6 +50,7 @@ def serve(conn: Connection) -> None:
             sys.path.insert(0, entry)
     try:
         from aapo_megatron.rewards.registry import RewardInput, resolve_reward
+        import aapo_megatron.rewards.equivalence  # noqa: F401  (math-verify, for RewardInput.correct(): before any deadline)
 
         fns = [resolve_reward(n) for n in names]
         for fn in fns:

@@ -265,11 +265,8 @@ class TrainingJob:
         if cfg.rollout.placement == "server":
             from aapo_megatron.rollout.client import connect_servers
 
-            if reference and cfg.trainer.sft_steps > 0:
-                raise ConfigError("rollout.placement=server with trainer.sft_steps > 0: the reference server serves "
-                                  "the model it was started with, not this run's SFT warm start. Run the SFT first "
-                                  "(algorithm.name=sft), serve its hf_final as the reference and start RL from it "
-                                  "(model.path)")
+            # A warm start (trainer.sft_steps > 0) with a reference server is refused in validation
+            # (config_checks.check_server_with_sft).
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.spec.vocab_size)

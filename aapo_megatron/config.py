@@ -82,7 +82,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP); must divide the number of layers."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (GPU, TP > 1 only)."""
+    """Megatron sequence parallelism (TP > 1): norms, residuals and dropout hold S/tp tokens per TP rank."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     timeout_minutes: float = 30.0
@@ -269,6 +269,15 @@ class TrainerConfig:
     pack_factor: int = 2
     """Longest packed row: this many times the step's longest sequence (at most micro_batch_tokens); the row
     length computing the fewest tokens among 1..pack_factor times is used."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute (Megatron's recompute_granularity; see models/activation_memory.py)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """recompute=selective: what to recompute, of core_attn and mlp (Megatron's recompute_modules)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """recompute=full: uniform (every recompute_num_layers layers as a unit) or block (the first
+    recompute_num_layers layers of each pipeline stage)."""
+    recompute_num_layers: int = 1
+    """recompute=full: layers per unit (uniform) or recomputed layers per stage (block)."""
     seed: int = 1234
     """Global seed."""
     eval_every: int = 0
@@ -704,6 +713,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _positive(t, "trainer", "sft_lr", "sft_batch_size")
     _check("{answer}" in t.sft_target, "trainer.sft_target", "must contain the placeholder {answer}", t.sft_target)
     _positive(t, "trainer", "updates_per_step", "micro_batch_tokens", "max_bad_steps", "pack_factor")
+    from aapo_megatron.models.activation_memory import validate_recompute
+
+    validate_recompute(t, shape.get("num_layers"), pp)
     n_samples = d.prompts_per_step * r.num_generations
     _check(n_samples % t.updates_per_step == 0, "trainer.updates_per_step",
            f"must divide prompts_per_step * num_generations = {n_samples}", t.updates_per_step)

@@ -190,12 +190,13 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
     """Fill this rank's `model` (any TP/PP) from a dist_checkpointing directory; collective over all ranks.
 
     The directory may be an aapo-convert output or a trainer checkpoint's model/ (its optimizer state is ignored).
+    Model `_extra_state` entries the checkpoint lacks (TE modules, checkpoint written with the local spec) keep their
+    initial value; any other absent entry is a MissingTensorError naming it (`convert.extra_state`).
 
     Tensors are read in place into the parameters. For linear_fc1 the gate and up halves are read straight
     into views of the parameter, instead of Megatron's default of loading both and concatenating a copy.
     """
-    from megatron.core import dist_checkpointing
-
+    from aapo_megatron.convert.extra_state import load_module_state, load_tolerating_extra_state
     from aapo_megatron.models.weights import unwrap_model
 
     if not is_mcore_checkpoint(ckpt_dir):
@@ -209,7 +210,7 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
         fused[key] = sharded_sd[key].data  # the parameter's tensor
         sharded_sd[key] = sharded_sd[key].build()  # two ShardedTensors viewing its halves: loaded in place
     # A trainer checkpoint's common.pt also holds non-model state (the optimizer's), which load() returns too.
-    state = {k: v for k, v in dist_checkpointing.load(sharded_sd, ckpt_dir).items() if k in model_keys}
+    state = {k: v for k, v in load_tolerating_extra_state(sharded_sd, ckpt_dir).items() if k in model_keys}
     for key, tensor in fused.items():
         halves = state[key]
         if not all(h.data_ptr() == v.data_ptr() for h, v in zip(halves, tensor.chunk(2, dim=0))):
@@ -221,7 +222,7 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
         target[:rows].copy_(full[start:start + rows])
         target[rows:].zero_()  # Megatron's vocab padding rows
         state[key] = target
-    model.load_state_dict(state, strict=True)
+    load_module_state(model, state, ckpt_dir)
 
 
 def _reroute_vocab_rows(sharded_sd: dict, stored: dict) -> dict:

@@ -34,9 +34,11 @@ def use_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None, sdpa_attention: bool = True):
+def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None, sdpa_attention: bool = True,
+               sequence_parallel: bool = False):
     """Megatron ModuleSpec of one transformer layer: TE spec with CUDA + TE, otherwise the local spec with
-    torch SDPA as its core attention (models/attention.py; sdpa_attention=False keeps Megatron's)."""
+    torch SDPA as its core attention (models/attention.py; sdpa_attention=False keeps Megatron's) and, with
+    sequence_parallel, norms that support it (models/norm.py)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -51,6 +53,10 @@ def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None, sdpa_attention: bo
     layer = get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
     if sdpa_attention:
         layer.submodules.self_attention.submodules.core_attention = SDPADotProductAttention  # fused torch SDPA
+    if sequence_parallel:
+        from aapo_megatron.models.norm import sequence_parallel_layer_spec
+
+        layer = sequence_parallel_layer_spec(layer)
     return layer
 
 
@@ -145,8 +151,13 @@ def build_gpt_model(
     parallel_output: bool = True,
     config=None,
     sdpa_attention: bool = True,
+    config_overrides: Optional[dict] = None,
 ):
-    """This rank's GPTModel (its TP shard and PP stage; pre/post-process default from parallel_state)."""
+    """This rank's GPTModel (its TP shard and PP stage; pre/post-process default from parallel_state).
+
+    config_overrides: extra TransformerConfig kwargs when `config` is None (sequence parallelism and activation
+    recompute: `models.activation_memory.model_config_overrides`).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
@@ -163,10 +174,17 @@ def build_gpt_model(
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
     if config is None:
-        config = transformer_config(spec, tp, pp, dtype)
+        config = transformer_config(spec, tp, pp, dtype, **(config_overrides or {}))
+    if use_te is None:
+        use_te = use_transformer_engine()
+    block_spec = layer_spec(spec, use_te, sdpa_attention, sequence_parallel=config.sequence_parallel)
+    if config.sequence_parallel and not use_te:
+        from aapo_megatron.models.norm import sequence_parallel_block_spec
+
+        block_spec = sequence_parallel_block_spec(config, block_spec)  # the final norm too
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, use_te, sdpa_attention),
+        transformer_layer_spec=block_spec,
         vocab_size=spec.padded_vocab_size(tp),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,

@@ -176,11 +176,12 @@ def _packed_layout(lengths: list[int], token_budget: int, row_len: int) -> tuple
     return rows, num_micro, math.ceil(len(rows) / num_micro)
 
 
-def choose_row_length(batch: RolloutBatch, indices: range, token_budget: int, max_factor: int = 2) -> int:
+def choose_row_length(batch: RolloutBatch, indices: range, token_budget: int, max_factor: int = 2,
+                      multiple_of: int = 8) -> int:
     """Packed row length for samples `indices`: of 1..max_factor x the longest sequence (`packed_row_length`), the
     one computing the fewest tokens; within 2% of that, the shortest (attention cost grows with the row)."""
     lengths = [len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in indices]
-    options = sorted({packed_row_length(batch, token_budget, f) for f in range(1, max_factor + 1)})
+    options = sorted({packed_row_length(batch, token_budget, f, multiple_of) for f in range(1, max_factor + 1)})
     if not lengths:
         return options[0]
     computed = {}

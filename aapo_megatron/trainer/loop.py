@@ -183,7 +183,10 @@ class TrainingJob:
 
         self.spec = self._arch()
         self.dtype = resolve_dtype(self.cfg.model.dtype)
-        self.model = build_policy(self.spec, dtype=self.dtype)
+        from aapo_megatron.models.activation_memory import model_config_overrides
+
+        self.model = build_policy(self.spec, dtype=self.dtype,
+                                  config_overrides=model_config_overrides(self.cfg.parallel, self.cfg.trainer))
         self.mapping = WeightMapping(self.spec, naming=model_naming(self.model))
         self._load_initial_weights()
         self.chunks = None  # DDP-wrapped, built by _build_optimizer
@@ -365,7 +368,10 @@ class TrainingJob:
         from aapo_megatron.trainer.train_step import micro_batcher, run_update
 
         tcfg = self.cfg.trainer
-        micro_batches = micro_batcher(batch, tcfg.micro_batch_tokens, tcfg.pack_sequences, tcfg.pack_factor)
+        from aapo_megatron.models.activation_memory import sequence_multiple
+
+        micro_batches = micro_batcher(batch, tcfg.micro_batch_tokens, tcfg.pack_sequences, tcfg.pack_factor,
+                                      sequence_multiple(self.layout.tp_size, self.cfg.parallel.sequence_parallel))
         per_update = len(batch) // num_updates
         results = []
         for u in range(num_updates):

@@ -64,18 +64,22 @@ def save_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], opt
 
 
 def load_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], optimizer=None) -> None:
-    """Collective: load what `save_model_and_optimizer` wrote, into models built with any TP/PP."""
-    from megatron.core import dist_checkpointing
+    """Collective: load what `save_model_and_optimizer` wrote, into models built with any TP/PP.
+
+    Model `_extra_state` entries the checkpoint lacks keep their initial value (`convert.extra_state`); any other
+    absent entry is a MissingTensorError naming it.
+    """
+    from aapo_megatron.convert.extra_state import load_module_state, load_tolerating_extra_state
 
     state = {"model": _model_sharded_state_dict(model_chunks)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
-    loaded = dist_checkpointing.load(state, path)
+    loaded = load_tolerating_extra_state(state, path)
     if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        load_module_state(_unwrap(model_chunks[0]), loaded["model"], path)
     else:
         for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(loaded["model"][f"model{i}"])
+            load_module_state(_unwrap(chunk), loaded["model"][f"model{i}"], path)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
 

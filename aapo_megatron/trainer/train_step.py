@@ -53,22 +53,23 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
 
 
 def micro_batcher(batch: RolloutBatch, token_budget: int, pack: bool = True,
-                  pack_factor: int = 2) -> Callable[[range], list[MicroBatch]]:
+                  pack_factor: int = 2, seq_multiple: int = 8) -> Callable[[range], list[MicroBatch]]:
     """indices -> micro-batches of at most `token_budget` tokens, one shape per call, rows spread evenly.
 
     pack=True packs samples into rows (`segment_ids`) of up to pack_factor x the longest sequence, the length
     computing the fewest tokens (`choose_row_length`), on the local layer spec; with Transformer Engine, whose
-    attention ignores the mask (causal-only), rows hold one right-padded sample each.
+    attention ignores the mask (causal-only), rows hold one right-padded sample each. Row lengths are multiples
+    of `seq_multiple` (with sequence parallelism also of TP: `models.activation_memory.sequence_multiple`).
     """
     from aapo_megatron.models.gpt import use_transformer_engine
 
     if pack and not use_transformer_engine():
         def packed(indices: range) -> list[MicroBatch]:
-            row_len = choose_row_length(batch, indices, token_budget, pack_factor)
+            row_len = choose_row_length(batch, indices, token_budget, pack_factor, seq_multiple)
             return make_packed_micro_batches(batch, indices, token_budget, row_len)
 
         return packed
-    max_rows, seq_len = micro_batch_shape(batch, token_budget)
+    max_rows, seq_len = micro_batch_shape(batch, token_budget, seq_multiple)
 
     def padded(indices: range) -> list[MicroBatch]:
         rows = math.ceil(len(indices) / math.ceil(len(indices) / max_rows)) if len(indices) else max_rows
@@ -106,6 +107,11 @@ def run_update(
         raise ValueError("run_update: this data-parallel rank received no micro-batches")
     device = _device()
     rows, seq_len = micro_batches[0].tokens.shape
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    if model_chunks[0].config.sequence_parallel and seq_len % tp_size:
+        raise ValueError(f"run_update: with sequence parallelism the micro-batch length ({seq_len}) must be a "
+                         f"multiple of the tensor-parallel size ({tp_size}); build the micro-batches with "
+                         f"micro_batcher(..., seq_multiple=sequence_multiple(tp, True))")
     mask = causal_mask(seq_len, device)
     tp_group = ps.get_tensor_model_parallel_group()
     sums: dict[str, torch.Tensor] = {}

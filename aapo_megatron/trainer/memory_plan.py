@@ -129,34 +129,42 @@ def stage_parameters(spec: ArchSpec, tp: int, pp: int, stage: int) -> int:
 
 
 def layer_activation_elements(spec: ArchSpec, tokens: int, row_len: int, tp: int, sequence_parallel: bool,
-                              te: bool, recompute: str) -> int:
-    """Elements one transformer layer keeps for backward over `tokens` tokens (see the module docstring)."""
+                              te: bool, modules: tuple[str, ...] = ()) -> int:
+    """Elements one transformer layer keeps for backward over `tokens` tokens (see the module docstring);
+    `modules`: what selective recompute rebuilds in backward (core_attn, mlp)."""
     h, f, q, kv = spec.hidden_size, spec.ffn_hidden_size, spec.q_size, spec.kv_size
     h_share = h // tp if sequence_parallel else h  # norm outputs and linear inputs are sequence-sharded with SP
     if te:
-        hidden, sharded, mask = 4 * h_share, (3 * q + 3 * kv + 3 * f) // tp, 0
+        hidden, attn, mlp, mask = 4 * h_share, (3 * q + 3 * kv) // tp, 3 * f // tp, 0
     else:
-        hidden, sharded, mask = 6 * h_share, (3 * q + 3 * kv + 5 * f) // tp, row_len
-    if recompute == "selective":  # Megatron recomputes core attention: its mask and internals are not kept
+        hidden, attn, mlp, mask = 6 * h_share, (3 * q + 3 * kv) // tp, 5 * f // tp, row_len
+    if "core_attn" in modules:  # its mask and internals are rebuilt; q, k, v (its inputs) and its output stay
         mask = 0
-    return tokens * (hidden + sharded + mask)
+    if "mlp" in modules:  # only the MLP's input (the norm output, counted in `hidden`) stays
+        mlp = 0
+    return tokens * (hidden + attn + mlp + mask)
 
 
 def activation_bytes(cfg: Config, spec: ArchSpec, stage: int, layers: int, in_flight: int, act_bytes: int,
                      te: bool) -> tuple[int, int]:
     """(transformer activations, logits) bytes on one device of `stage` at the schedule's peak."""
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    t = cfg.trainer
     sp = bool(cfg.parallel.sequence_parallel) and tp > 1
-    recompute = getattr(cfg.trainer, "recompute", "none")
-    tokens = cfg.trainer.micro_batch_tokens
+    tokens = t.micro_batch_tokens
     row_len = min(tokens, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     h_share = spec.hidden_size // tp if sp else spec.hidden_size
-    one_layer = layer_activation_elements(spec, tokens, row_len, tp, sp, te, recompute)
-    if recompute == "full":  # each layer keeps its input; backward rebuilds one layer at a time
-        per_micro = layers * tokens * h_share
-        rebuilt = one_layer
+    modules = tuple(t.recompute_modules) if t.recompute == "selective" else ()
+    one_layer = layer_activation_elements(spec, tokens, row_len, tp, sp, te, modules)
+    rebuilt = 0
+    if t.recompute == "full":  # a recomputed unit keeps only its input; backward rebuilds one unit at a time
+        unit = min(t.recompute_num_layers, layers)
+        if t.recompute_method == "uniform":
+            per_micro, rebuilt = math.ceil(layers / unit) * tokens * h_share, unit * one_layer
+        else:  # block: the first `unit` layers are recomputed, the others keep everything
+            per_micro, rebuilt = tokens * h_share + (layers - unit) * one_layer, unit * one_layer
     else:
-        per_micro, rebuilt = layers * one_layer, 0
+        per_micro = layers * one_layer
     logits = 0
     if stage == pp - 1:
         per_micro += tokens * 3 * h_share  # final norm (input, output) and the output layer's input
@@ -221,7 +229,7 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
             PlanItem("activations", acts, f"{in_flight} micro-batch(es) in flight of {m}, "
                                           f"{cfg.trainer.micro_batch_tokens} tokens, {'TE' if te else 'local'} spec"
                                           + (", SP" if cfg.parallel.sequence_parallel and tp > 1 else "")
-                                          + f", recompute {getattr(cfg.trainer, 'recompute', 'none')}"),
+                                          + f", recompute {cfg.trainer.recompute}"),
         ]
         if logits:
             items.append(PlanItem("logits + log-prob buffers", logits, "[T, V/tp], gradient in place"))

@@ -3,7 +3,8 @@
 The activation estimate is checked against the peak of the tensors autograd keeps for backward, measured with
 saved-tensor hooks (tests/trainer/memory_meter.py) over a real `run_update` (Megatron's forward-backward
 schedule, our fused log-prob loss), on every rank of TP=1, TP=2 (TP=3 for SmolLM2, whose 9 heads TP=2 cannot
-split) and PP=2 jobs with several micro-batches, so the 1F1B in-flight count is exercised. The parameter
+split) and PP=2 jobs with several micro-batches, so the 1F1B in-flight count is exercised, and the quickstart
+with sequence parallel and with full and selective recompute. The parameter
 count is checked against the real model's own on every rank. SmolLM2-135M-Instruct is its real architecture
 (configs/arch/smollm2-135m-instruct.json) built as a scratch model with random weights: what a step keeps does not depend on the weights' values.
 """
@@ -29,11 +30,11 @@ TOLERANCE = 0.25  # the issue's bar for the activation model
 CASES = {"quickstart": (128, 1024, 24), "smollm2": (128, 512, 12)}
 
 
-def _config(model: str, tp: int, pp: int):
+def _config(model: str, tp: int, pp: int, extra: tuple = ()):
     from aapo_megatron.config import load_config
 
     seq_len, mbt, _ = CASES[model]
-    overrides = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+    overrides = [*extra, f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
                  f"trainer.micro_batch_tokens={mbt}", "trainer.pack_factor=1", "model.dtype=float32",
                  f"data.max_prompt_tokens={seq_len // 2}", f"rollout.max_new_tokens={seq_len // 2}"]
     if model == "smollm2":  # its real architecture as the scratch model (random weights)
@@ -47,11 +48,12 @@ def _config(model: str, tp: int, pp: int):
     return load_config(QUICKSTART, overrides)
 
 
-def _measure(model: str, tp: int, pp: int) -> dict:
+def _measure(model: str, tp: int, pp: int, extra: tuple = ()) -> dict:
     """One rank: the plan's figures for its stage and what a real update kept."""
     from megatron.core import parallel_state as ps
 
     from aapo_megatron.config import OptimConfig
+    from aapo_megatron.models.activation_memory import model_config_overrides, sequence_multiple
     from aapo_megatron.models.gpt import build_policy
     from aapo_megatron.models.parallel import init_distributed, seed_everything
     from aapo_megatron.trainer.batch import RolloutBatch
@@ -61,11 +63,11 @@ def _measure(model: str, tp: int, pp: int) -> dict:
     from aapo_megatron.trainer.train_step import micro_batcher, run_update
     from tests.trainer.memory_meter import ActivationMeter
 
-    cfg = _config(model, tp, pp)
+    cfg = _config(model, tp, pp, extra)
     init_distributed(cfg)
     seed_everything(0)
     spec = arch_for_plan(cfg)
-    policy = build_policy(spec, dtype="float32")
+    policy = build_policy(spec, dtype="float32", config_overrides=model_config_overrides(cfg.parallel, cfg.trainer))
     chunks = wrap_ddp([policy], use_distributed_optimizer=False)
     opt = build_optimizer(chunks, OptimConfig(lr=1e-4), bf16=False, use_distributed_optimizer=False)
     sched = build_scheduler(opt, OptimConfig(lr=1e-4), 10)
@@ -74,7 +76,8 @@ def _measure(model: str, tp: int, pp: int) -> dict:
     ids = lambda k: [int(t) for t in torch.randint(4, spec.vocab_size - 1, (k,), generator=g)]  # noqa: E731
     batch = RolloutBatch([ids(seq_len // 2) for _ in range(n)], [ids(seq_len // 2) for _ in range(n)],
                          torch.randn(n, generator=g))
-    micro = micro_batcher(batch, mbt, pack=True, pack_factor=1)(range(n))
+    micro = micro_batcher(batch, mbt, pack=True, pack_factor=1,
+                          seq_multiple=sequence_multiple(tp, cfg.parallel.sequence_parallel))(range(n))
     meter = ActivationMeter(policy.parameters())
     with meter.measure():
         run_update(chunks, opt, sched, micro, build_loss_fn("aapo_ce", cfg.algorithm), 1.0)
@@ -87,14 +90,21 @@ def _measure(model: str, tp: int, pp: int) -> dict:
 
 
 def _job(rank: int, world: int, cases: list) -> list:
-    return [(model, tp, pp, _measure(model, tp, pp)) for model, tp, pp in cases]
+    return [(name, tp, pp, _measure(model, tp, pp, extra)) for name, model, tp, pp, extra in cases]
 
 
 @pytest.fixture(scope="module")
 def measured() -> list:
-    jobs = {1: [("quickstart", 1, 1), ("smollm2", 1, 1)],
-            2: [("quickstart", 2, 1), ("quickstart", 1, 2), ("smollm2", 1, 2)],
-            3: [("smollm2", 3, 1)]}
+    full = ("trainer.recompute=full", "trainer.recompute_num_layers=1")
+    jobs = {1: [("quickstart", "quickstart", 1, 1, ()), ("smollm2", "smollm2", 1, 1, ()),
+                ("quickstart recompute=full", "quickstart", 1, 1, full),
+                ("quickstart recompute=selective mlp", "quickstart", 1, 1,
+                 ("trainer.recompute=selective", "trainer.recompute_modules=[core_attn, mlp]"))],
+            2: [("quickstart", "quickstart", 2, 1, ()), ("quickstart", "quickstart", 1, 2, ()),
+                ("smollm2", "smollm2", 1, 2, ()),
+                ("quickstart SP", "quickstart", 2, 1, ("parallel.sequence_parallel=true",)),
+                ("quickstart SP recompute=full", "quickstart", 2, 1, ("parallel.sequence_parallel=true", *full))],
+            3: [("smollm2", "smollm2", 3, 1, ())]}
     out = []
     for world, cases in jobs.items():
         for rank, results in enumerate(run_ranks(_job, world_size=world, args=(cases,), env={"OMP_NUM_THREADS": "1"},
@@ -111,7 +121,7 @@ def test_activation_estimate_within_25_percent_of_the_measured_peak(measured):
         ratio = r["planned"] / r["measured"]
         assert abs(ratio - 1) <= TOLERANCE, f"{model} TP={tp} PP={pp} rank {rank}: planned {r['planned']} B, " \
                                             f"measured {r['measured']} B (ratio {ratio:.3f})"
-    assert len(seen) == 6
+    assert len(seen) == 10
 
 
 def test_parameter_count_matches_the_built_model_on_every_rank(measured):

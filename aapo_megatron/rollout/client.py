@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional, Sequence
@@ -50,7 +51,8 @@ class RemoteRolloutEngine(RolloutEngine):
         self.shm_dir = shm_dir
         self.dtype = dtype
         self.weight_dir: Optional[str] = None  # the server's --weight-dir (from /version, on the first update)
-        self.heartbeat_interval_s = 5.0
+        self.heartbeat_interval_s = 5.0  # the server's, from /version
+        self.takeover_timeout_s = 30.0
         self.last_sync: Optional[SyncStats] = None
 
     # ------------------------------------------------------------------ HTTP
@@ -105,6 +107,7 @@ class RemoteRolloutEngine(RolloutEngine):
             info = self.request("GET", "/version")
             self.weight_dir = info.get("weight_dir")
             self.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or self.heartbeat_interval_s)
+            self.takeover_timeout_s = float(info.get("takeover_timeout_s") or self.takeover_timeout_s)
         if not self.weight_dir:
             raise RolloutError(f"rollout server {self.url} accepts no weight updates (its /version names no weight_dir)")
         root = os.path.realpath(self.weight_dir)
@@ -122,8 +125,16 @@ class RemoteRolloutEngine(RolloutEngine):
                 except RolloutError:
                     return  # the next stage reports the session's fate
 
-        def begin() -> None:
-            session["id"] = call({"action": "begin"})["session"]
+        def begin() -> None:  # a session of a dead trainer is taken over once silent for takeover_timeout_s
+            deadline = time.monotonic() + self.takeover_timeout_s + 2 * self.heartbeat_interval_s
+            while True:
+                try:
+                    session["id"] = call({"action": "begin"})["session"]
+                    break
+                except RolloutError as exc:
+                    if "HTTP 409" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(self.heartbeat_interval_s)
             threading.Thread(target=heartbeat, name="aapo-update-heartbeat", daemon=True).start()
 
         def load(path: str) -> None:
@@ -175,6 +186,7 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
                                f"tokens; the trained model has {vocab_size}")
         client.weight_dir = info.get("weight_dir")
         client.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or client.heartbeat_interval_s)
+        client.takeover_timeout_s = float(info.get("takeover_timeout_s") or client.takeover_timeout_s)
         if info.get("dtype") in ENGINE_DTYPES:
             client.dtype = ENGINE_DTYPES[info["dtype"]]
         return client

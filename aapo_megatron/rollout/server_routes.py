@@ -204,7 +204,8 @@ async def version(request: Request) -> JSONResponse:
     return JSONResponse({"weight_version": st.version, "role": st.role, "model": st.model, "dtype": st.dtype,
                          "vocab_size": st.vocab_size, "version": vllm_version,
                          "weight_dir": st.sessions.weight_dir if st.sessions else None,
-                         "heartbeat_interval_s": st.heartbeat_interval_s})
+                         "heartbeat_interval_s": st.heartbeat_interval_s,
+                         "takeover_timeout_s": st.sessions.takeover_timeout_s if st.sessions else None})
 
 
 @router.post("/generate")

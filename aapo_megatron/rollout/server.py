@@ -13,13 +13,12 @@ Binds 127.0.0.1 unless --host says otherwise; any other address needs a token (e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import json
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 log = logging.getLogger("aapo.rollout.server")
 

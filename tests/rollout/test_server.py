@@ -11,7 +11,6 @@ import os
 import resource
 import socket
 import threading
-import time
 
 import pytest
 

@@ -146,7 +146,9 @@ class RolloutConfig:
     token_env: str = "AAPO_ROLLOUT_TOKEN"
     """Environment variable holding the bearer token for the rollout server."""
     server_weight_dir: Optional[str] = None
-    """placement=server: directory for weight-sync bucket files that the policy server can read (a shared filesystem when it runs on another host). None = /dev/shm, for servers on this host."""
+    """placement=server: directory for weight-sync bucket files, inside the policy server's --weight-dir (the only directory it reads). None = the server's --weight-dir itself (/dev/shm by default), for servers on this host."""
+    server_timeout_s: float = 600.0
+    """placement=server: how long one HTTP request to a rollout server may take (a generate included), seconds."""
     weight_sync_bucket_mb: int = 512
     """Weight sync bucket size, MiB."""
     weight_sync_timeout_s: float = 600.0
@@ -678,7 +680,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(a.clip_eps_low < 1, "algorithm.clip_eps_low", "must be < 1", a.clip_eps_low)
 
     r = cfg.rollout
-    _positive(r, "rollout", "num_generations", "max_new_tokens", "weight_sync_bucket_mb", "weight_sync_timeout_s")
+    _positive(r, "rollout", "num_generations", "max_new_tokens", "weight_sync_bucket_mb", "weight_sync_timeout_s",
+              "server_timeout_s")
     _non_negative(r, "rollout", "temperature")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
     _check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0", r.top_k)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional, Sequence
@@ -23,8 +25,19 @@ from aapo_megatron.rollout.engine import (
 from aapo_megatron.rollout.weight_sync import FileSink, SyncStats, stream_via_files
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect, so the bearer token is never sent to another URL."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl!r} refused", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class RemoteRolloutEngine(RolloutEngine):
-    """Client of one rollout server; weight updates stream bucket files through `shm_dir` (shared with the server)."""
+    """Client of one rollout server; weight updates stream bucket files through `shm_dir`, a directory inside
+    the server's --weight-dir (the server reads nothing else)."""
 
     def __init__(self, url: str, token: Optional[str] = None, token_env: str = "AAPO_ROLLOUT_TOKEN",
                  timeout_s: float = 600.0, weight_sync_bucket_mb: float = 512, weight_sync_timeout_s: float = 600.0,
@@ -37,29 +50,37 @@ class RemoteRolloutEngine(RolloutEngine):
         self.sync_timeout_s = float(weight_sync_timeout_s)
         self.shm_dir = shm_dir
         self.dtype = dtype
+        self.weight_dir: Optional[str] = None  # the server's --weight-dir (from /version, on the first update)
+        self.heartbeat_interval_s = 5.0  # the server's, from /version
+        self.takeover_timeout_s = 30.0
         self.last_sync: Optional[SyncStats] = None
 
     # ------------------------------------------------------------------ HTTP
 
     def request(self, method: str, path: str, body: Optional[dict] = None, auth: bool = False) -> dict[str, Any]:
-        """One JSON request; a non-2xx answer raises RolloutError with the status and the server's message."""
+        """One JSON request (the token on every route; redirects refused); a non-2xx answer raises RolloutError
+        naming the route, the status and the server's message. `auth` is kept for callers; the token always goes."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        if self.token is not None and (auth or path == "/generate"):
+        if self.token is not None:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            with _OPENER.open(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", "")
-            except Exception:  # noqa: BLE001
-                message = exc.reason
+            message = exc.reason
+            if not 300 <= exc.code < 400:
+                try:
+                    message = json.loads(exc.read()).get("error", "") or exc.reason
+                except Exception:  # noqa: BLE001
+                    pass
             raise RolloutError(f"rollout server {self.url}{path}: HTTP {exc.code}: {message}") from None
         except urllib.error.URLError as exc:
             raise RolloutError(f"rollout server {self.url}{path} unreachable: {exc.reason}") from None
+        except OSError as exc:  # e.g. a read timeout
+            raise RolloutError(f"rollout server {self.url}{path}: {type(exc).__name__}: {exc}") from None
 
     # ------------------------------------------------------------------ RolloutEngine
 
@@ -81,27 +102,60 @@ class RemoteRolloutEngine(RolloutEngine):
         return self.request("GET", "/health")
 
     def update_weights(self, named_tensors: NamedTensors, version: Optional[int] = None) -> int:
-        """Stream HF-named tensors to the server in bucket files; returns the new weight version."""
+        """Stream HF-named tensors to the server in bucket files (heartbeats meanwhile); returns the new version."""
+        if self.weight_dir is None:
+            info = self.request("GET", "/version")
+            self.weight_dir = info.get("weight_dir")
+            self.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or self.heartbeat_interval_s)
+            self.takeover_timeout_s = float(info.get("takeover_timeout_s") or self.takeover_timeout_s)
+        if not self.weight_dir:
+            raise RolloutError(f"rollout server {self.url} accepts no weight updates (its /version names no weight_dir)")
+        root = os.path.realpath(self.weight_dir)
         session: dict[str, Any] = {}
         result: dict[str, Any] = {}
+        stop = threading.Event()
 
-        def begin() -> None:
-            session["id"] = self.request("POST", "/update_weights", {"action": "begin"}, auth=True)["session"]
+        def call(body: dict) -> dict[str, Any]:
+            return self.request("POST", "/update_weights", body, auth=True)
+
+        def heartbeat() -> None:
+            while not stop.wait(self.heartbeat_interval_s):
+                try:
+                    call({"action": "heartbeat", "session": session["id"]})
+                except RolloutError:
+                    return  # the next stage reports the session's fate
+
+        def begin() -> None:  # a session of a dead trainer is taken over once silent for takeover_timeout_s
+            deadline = time.monotonic() + self.takeover_timeout_s + 2 * self.heartbeat_interval_s
+            while True:
+                try:
+                    session["id"] = call({"action": "begin"})["session"]
+                    break
+                except RolloutError as exc:
+                    if "HTTP 409" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(self.heartbeat_interval_s)
+            threading.Thread(target=heartbeat, name="aapo-update-heartbeat", daemon=True).start()
 
         def load(path: str) -> None:
-            self.request("POST", "/update_weights", {"action": "load", "session": session["id"], "path": path},
-                         auth=True)
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, root]) != root:
+                raise RolloutError(f"weight bucket {path} is outside the rollout server's weight directory {root}: "
+                                   f"set rollout.server_weight_dir to a directory inside it")
+            call({"action": "load", "session": session["id"], "file": os.path.relpath(real, root)})
 
         def finish() -> None:
-            result.update(self.request("POST", "/update_weights",
-                                       {"action": "commit", "session": session["id"], "version": version}, auth=True))
+            result.update(call({"action": "commit", "session": session["id"], "version": version}))
 
         def abort() -> None:
-            self.request("POST", "/update_weights", {"action": "abort", "session": session["id"]}, auth=True)
+            call({"action": "abort", "session": session["id"]})
 
-        self.last_sync = stream_via_files(FileSink(begin, load, finish, abort), named_tensors,
-                                          bucket_bytes=self.bucket_bytes, timeout_s=self.sync_timeout_s,
-                                          dtype=self.dtype, shm_dir=self.shm_dir)
+        try:
+            self.last_sync = stream_via_files(FileSink(begin, load, finish, abort), named_tensors,
+                                              bucket_bytes=self.bucket_bytes, timeout_s=self.sync_timeout_s,
+                                              dtype=self.dtype, shm_dir=self.shm_dir or self.weight_dir)
+        finally:
+            stop.set()
         return int(result["weight_version"])
 
 
@@ -118,7 +172,7 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         if not url:
             raise RolloutError(f"rollout.placement=server needs {setting}: the URL of an aapo-rollout-server "
                                f"started with --role {role}")
-        client = RemoteRolloutEngine(url, token_env=rollout_cfg.token_env,
+        client = RemoteRolloutEngine(url, token_env=rollout_cfg.token_env, timeout_s=rollout_cfg.server_timeout_s,
                                      weight_sync_bucket_mb=rollout_cfg.weight_sync_bucket_mb,
                                      weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
                                      shm_dir=rollout_cfg.server_weight_dir)
@@ -130,6 +184,9 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         if vocab_size is not None and served_vocab is not None and int(served_vocab) != int(vocab_size):
             raise RolloutError(f"{setting}={url} serves {info.get('model')!r} with a vocabulary of {served_vocab} "
                                f"tokens; the trained model has {vocab_size}")
+        client.weight_dir = info.get("weight_dir")
+        client.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or client.heartbeat_interval_s)
+        client.takeover_timeout_s = float(info.get("takeover_timeout_s") or client.takeover_timeout_s)
         if info.get("dtype") in ENGINE_DTYPES:
             client.dtype = ENGINE_DTYPES[info["dtype"]]
         return client

@@ -94,3 +94,56 @@ def reference_engine(model_dirs):
 def shm_leftovers() -> list[str]:
     """Weight-sync work directories still present in /dev/shm."""
     return sorted(d for d in os.listdir("/dev/shm") if d.startswith("aapo-wsync-")) if os.path.isdir("/dev/shm") else []
+
+
+SERVER_TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="session")
+def rollout_server(model_dirs, tmp_path_factory):
+    """ONE real `aapo-rollout-server` process (vLLM's app, policy role, model A) for the session.
+
+    Short timeouts so the adversarial tests see them: bodies within 1 s, idle connections closed after 1 s,
+    heartbeats every 0.25 s, takeover after 1.5 s. Yields a dict: url, token, weight_dir, proc, log.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.distributed import free_port
+
+    root = tmp_path_factory.mktemp("rollout_server")
+    weight_dir = root / "weights"
+    weight_dir.mkdir()
+    log = root / "server.log"
+    port = free_port()
+    cmd = [sys.executable, "-m", "aapo_megatron.rollout.server", "--model", model_dirs[0]["a"], "--port", str(port),
+           "--max-model-len", "256", "--kv-cache-mb", "64", "--weight-dir", str(weight_dir), "--max-n", "8",
+           "--max-tokens", "128", "--max-prompts", "64", "--max-request-mb", "0.0625", "--body-timeout-s", "1",
+           "--keep-alive-timeout-s", "1", "--heartbeat-interval-s", "0.25", "--takeover-timeout-s", "1.5"]
+    env = dict(os.environ, AAPO_ROLLOUT_TOKEN=SERVER_TOKEN)
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the rollout server did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "token": SERVER_TOKEN, "weight_dir": str(weight_dir), "proc": proc, "log": str(log)}
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

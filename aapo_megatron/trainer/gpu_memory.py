@@ -8,16 +8,16 @@ memory to share; `trainer/timeshare.py` runs the same order there).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
 
-def release_training_memory(chunks: Iterable[torch.nn.Module]) -> bool:
+def release_training_memory(chunks: Optional[Iterable[torch.nn.Module]]) -> bool:
     """Free the DDP grad buffers of `chunks` and the allocator's cache; False (no-op) without CUDA."""
     if not torch.cuda.is_available():
         return False
-    for chunk in chunks:
+    for chunk in chunks or ():
         offload = getattr(chunk, "offload_grad_buffers", None)
         if callable(offload):
             offload(synchronize=True, empty_cache=False)
@@ -25,11 +25,11 @@ def release_training_memory(chunks: Iterable[torch.nn.Module]) -> bool:
     return True
 
 
-def restore_training_memory(chunks: Iterable[torch.nn.Module]) -> bool:
+def restore_training_memory(chunks: Optional[Iterable[torch.nn.Module]]) -> bool:
     """Reallocate (zeroed) the DDP grad buffers of `chunks` before training; False (no-op) without CUDA."""
     if not torch.cuda.is_available():
         return False
-    for chunk in chunks:
+    for chunk in chunks or ():
         restore = getattr(chunk, "restore_grad_buffers", None)
         if callable(restore):
             restore(synchronize=True)

@@ -20,7 +20,7 @@ def before_generate(engines: Iterable[Optional[Any]]) -> None:
             engine.wake_up()
 
 
-def after_generate(engines: Iterable[Optional[Any]], chunks: Iterable[Any]) -> None:
+def after_generate(engines: Iterable[Optional[Any]], chunks: Optional[Iterable[Any]]) -> None:
     """Put the engines to sleep, then give Megatron its gradient buffers back for the train step."""
     for engine in engines:
         if engine is not None:
@@ -28,7 +28,7 @@ def after_generate(engines: Iterable[Optional[Any]], chunks: Iterable[Any]) -> N
     restore_training_memory(chunks)
 
 
-def before_sync(policy: Optional[Any], chunks: Iterable[Any]) -> None:
+def before_sync(policy: Optional[Any], chunks: Optional[Iterable[Any]]) -> None:
     """Release Megatron's gradient buffers, then wake the policy engine's weights for the sync."""
     release_training_memory(chunks)
     if policy is not None:

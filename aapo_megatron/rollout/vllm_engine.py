@@ -296,12 +296,16 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def sleep(self, level: int = 1) -> None:
         """Release the engine's weights and KV cache (GPU: vLLM sleep mode; CPU: vLLM logs a no-op)."""
+        if self.sleep_state.state == "asleep":
+            return
         with self._lock:
             if self.sleep_state.sleep():
                 self.llm.sleep(level=level)
 
     def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
         """Bring back "weights" (before a sync) and/or "kv_cache" (before generating); None = both."""
+        if not self.sleep_state.asleep:  # awake: no need to wait for a generate call in flight (a prefetch)
+            return
         with self._lock:
             todo = self.sleep_state.wake(tags)
             if todo:

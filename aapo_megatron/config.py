@@ -153,6 +153,8 @@ class RolloutConfig:
     """Weight sync bucket size, MiB."""
     weight_sync_timeout_s: float = 600.0
     """A weight sync stage that takes longer than this fails with an error naming the stage, seconds."""
+    weight_transport: str = "auto"
+    """How weights reach the policy engine: auto, shm (this host's /dev/shm), ipc (CUDA IPC, colocated GPU engines), gloo (engines on other CPU hosts), nccl (engines on other GPUs/nodes). auto = shm on a CPU host, ipc for colocated GPU engines, nccl for servers on GPU, gloo for servers on other CPU hosts (docs/rollout.md)."""
     overlap_reference: bool = True
     """Generate the reference responses at the same time as the policy's (two engines). On CPU the colocated engines then get disjoint halves of the cores; false runs them one after the other on vLLM's default binding."""
     prefetch_reference: Literal["auto", "always", "never"] = "auto"
@@ -604,6 +606,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
+def _check_weight_transport(r: "RolloutConfig") -> None:
+    from aapo_megatron.rollout.transport.registry import CHOICES, check_transport, is_loopback_url
+
+    _check(r.weight_transport in CHOICES, "rollout.weight_transport", f"must be one of {', '.join(CHOICES)}",
+           r.weight_transport)
+    if r.weight_transport != "auto":
+        try:
+            check_transport(r.weight_transport, placement=r.placement,
+                            same_host=r.placement != "server" or is_loopback_url(r.server_url))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
     if not cond:
         raise ConfigError(f"'{key}' {msg}, got {value!r}")
@@ -692,6 +707,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                f"algorithm={a.name})", r.num_generations)
     if r.placement == "server" and not r.server_url:
         raise ConfigError("'rollout.server_url' is required when rollout.placement is 'server'")
+    _check_weight_transport(r)
 
     w = cfg.reward
     _positive(w, "reward", "num_workers", "timeout_s", "cosine_max_len")

@@ -130,6 +130,12 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: NamedTensors, version: Optional[int] = None) -> int:
         """Replace the weights with HF-named tensors (streamed); returns the new weight version."""
 
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's accelerator memory while the trainer runs (colocated engines; default: no-op)."""
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Bring back "weights" and/or "kv_cache" (None = both) after `sleep` (default: no-op)."""
+
     def close(self) -> None:
         """Release the engine's processes and memory."""
 

@@ -32,14 +32,9 @@ from aapo_megatron.rollout.engine import (
     check_prompts,
 )
 from aapo_megatron.rollout.scratch_dirs import owned_tempdir
-from aapo_megatron.rollout.weight_sync import (
-    NcclWeightTransfer,
-    ShmSlots,
-    SyncStats,
-    WeightSyncError,
-    choose_transport,
-    sync_shm,
-)
+from aapo_megatron.rollout.sleep import EngineSleep
+from aapo_megatron.rollout.transport.base import SyncStats, WeightSyncError, WeightTransport
+from aapo_megatron.rollout.transport.registry import load_transport, resolve_transport
 
 WORKER_EXTENSION = "aapo_megatron.rollout.worker_extension.WeightSyncExtension"
 
@@ -121,9 +116,13 @@ class VLLMRolloutEngine(RolloutEngine):
         weight_sync_bucket_mb: int = 512,
         weight_sync_timeout_s: float = 600.0,
         shm_dir: Optional[str] = None,
+        weight_transport: str = "auto",
         **llm_kwargs: Any,
     ):
         """Load `model_path` (HF dir with config.json + safetensors). kv_cache_bytes overrides memory_fraction.
+
+        weight_transport (policy): a `transport.CHOICES` name; the engine runs in this job (colocated), so auto
+        is shm on CPU and ipc on GPU. With CUDA the engine is built with vLLM's sleep mode (`sleep`/`wake_up`).
 
         cpu_threads_bind (CPU hosts): VLLM_CPU_OMP_THREADS_BIND for this engine, e.g. "0" or "0-3"; "auto" is
         vLLM's own one-core binding; None gives a single-rank engine every core of this process.
@@ -142,13 +141,14 @@ class VLLMRolloutEngine(RolloutEngine):
         self.bucket_bytes = int(weight_sync_bucket_mb * 2**20)
         self.timeout_s = float(weight_sync_timeout_s)
         self.shm_dir = shm_dir
-        self.transport = choose_transport()
+        self.transport = resolve_transport(weight_transport, placement="colocated", cuda=torch.cuda.is_available())
+        transport_cls = load_transport(self.transport)
         self.last_sync: Optional[SyncStats] = None
         self._version = 0
         self._lock = threading.Lock()
         self._broken: Optional[str] = None
-        self._nccl: Optional[NcclWeightTransfer] = None
-        self._slots: Optional[ShmSlots] = None  # reusable shm bucket files, made on the first sync
+        self._transport: Optional[WeightTransport] = None  # made on the first sync
+        self.sleep_state = EngineSleep(role)
 
         from vllm import LLM
 
@@ -169,8 +169,10 @@ class VLLMRolloutEngine(RolloutEngine):
             kwargs["gpu_memory_utilization"] = memory_fraction
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
-        if role == "policy" and self.transport == "nccl":
-            kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        if role == "policy":
+            kwargs.update(transport_cls.engine_kwargs())
+        if torch.cuda.is_available():
+            kwargs["enable_sleep_mode"] = True  # vLLM-CPU refuses the flag; its sleep/wake_up are no-ops anyway
         kwargs.update(llm_kwargs)
         if cpu_threads_bind is None and tensor_parallel_size == 1:
             cpu_threads_bind = all_cpu_cores_bind()
@@ -217,6 +219,7 @@ class VLLMRolloutEngine(RolloutEngine):
         with self._lock:
             if self._broken is not None:
                 raise RolloutError(self._broken)
+            self.sleep_state.check("generate")
             version = self._version
             t0 = time.perf_counter()
             stop = threading.Event()
@@ -262,26 +265,51 @@ class VLLMRolloutEngine(RolloutEngine):
                 self._broken = (f"policy engine weights are incomplete: weight sync to version {new_version} failed "
                                 f"midway; call update_weights again before generating")
 
+            self.sleep_state.check("update_weights")
             try:
-                if self.transport == "nccl":
-                    if self._nccl is None:
-                        self._nccl = NcclWeightTransfer(self.llm, self.timeout_s)
-                    mark_broken()
-                    stats = self._nccl.sync(named_tensors, bucket_bytes=self.bucket_bytes, dtype=dtype)
-                else:
-                    if self._slots is None:
-                        self._slots = ShmSlots(self.shm_dir)
-                    stats = sync_shm(self.llm, named_tensors, bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s,
-                                     dtype=dtype, on_begin=mark_broken, slots=self._slots)
+                if self._transport is None:
+                    self._transport = self._make_transport()
+                stats = self._transport.sync(named_tensors, bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s,
+                                             dtype=dtype, on_begin=mark_broken)
             except WeightSyncError:
                 raise
             except Exception as exc:
                 raise WeightSyncError(f"weight sync to version {new_version} failed: {type(exc).__name__}: {exc}") from exc
-            self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
+            self.sleep_state.record("update_weights")
+            if self.sleep_state.kv_awake:  # else vLLM's sleep already dropped the cache
+                self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
             self._broken = None
             self._version = new_version
             self.last_sync = stats
             return new_version
+
+    def _make_transport(self) -> WeightTransport:
+        """The trainer side of this engine's transport (shm files, or a vLLM weight-transfer client)."""
+        from aapo_megatron.rollout.transport.broadcast import LLMClient
+
+        cls = load_transport(self.transport)
+        if self.transport == "shm":
+            return cls(self.llm, self.shm_dir)
+        return cls(LLMClient(self.llm))
+
+    # ------------------------------------------------------------------ sleep mode (colocated time-sharing)
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's weights and KV cache (GPU: vLLM sleep mode; CPU: vLLM logs a no-op)."""
+        if self.sleep_state.state == "asleep":
+            return
+        with self._lock:
+            if self.sleep_state.sleep():
+                self.llm.sleep(level=level)
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Bring back "weights" (before a sync) and/or "kv_cache" (before generating); None = both."""
+        if not self.sleep_state.asleep:  # awake: no need to wait for a generate call in flight (a prefetch)
+            return
+        with self._lock:
+            todo = self.sleep_state.wake(tags)
+            if todo:
+                self.llm.wake_up(tags=todo)
 
     # ------------------------------------------------------------------ file-based update session (server)
 
@@ -336,18 +364,16 @@ class VLLMRolloutEngine(RolloutEngine):
         llm = getattr(self, "llm", None)
         if llm is None:
             return
-        if self._nccl is not None:
+        if self._transport is not None:
             try:
-                self._nccl.close()
+                self._transport.close()
             except Exception:  # noqa: BLE001
                 pass
+            self._transport = None
         try:
             llm.llm_engine.engine_core.shutdown()
         except Exception:  # noqa: BLE001
             pass
-        if self._slots is not None:
-            self._slots.close()
-            self._slots = None
         self.llm = None
         self._remove_ipc_dir()
 
@@ -384,7 +410,10 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
         weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
     )
     common.update(kwargs)
-    policy = VLLMRolloutEngine(model_path, role="policy", **common, **_bind(binds[0]))
+    transport = {"weight_transport": getattr(rollout_cfg, "weight_transport", "auto")}
+    policy = VLLMRolloutEngine(model_path, role="policy", **common, **transport, **_bind(binds[0]))
+    if reference and torch.cuda.is_available():
+        policy.sleep()  # GPU: free its memory so the reference engine can start; the first generate wakes it
     ref = VLLMRolloutEngine(model_path, role="reference", **common, **_bind(binds[1])) if reference else None
     return policy, ref
 

@@ -1,6 +1,9 @@
 """vLLM general plugin: vLLM runs `register()` in every one of its processes (entry point `vllm.general_plugins`).
 
-On CPU hosts it does two things.
+Everywhere it registers our `gloo` weight-transfer engine with vLLM's factory (rollout/transport/gloo.py), so
+an engine built with `weight_transfer_config={"backend": "gloo"}` finds it in its worker processes.
+
+On CPU hosts it also does two things.
 
 Idle spin. It shortens how long vLLM's inter-process message queues keep spinning after their last message.
 vLLM's engine-core and worker processes poll those queues with `sched_yield` for 1 s after each message
@@ -86,9 +89,13 @@ def freeze_heap_at_exit() -> bool:
 
 
 def register() -> None:
-    """Entry point: on CPU hosts only (GPU hosts keep vLLM's spin, which trades spare cores for latency)."""
+    """Entry point: registers the `gloo` weight-transfer engine; the rest on CPU hosts only (GPU hosts keep
+    vLLM's spin, which trades spare cores for latency)."""
     import torch
 
+    from aapo_megatron.rollout.transport.gloo import register_gloo_engine
+
+    register_gloo_engine()
     if torch.cuda.is_available():
         return
     limit_idle_spin(idle_spin_seconds())

@@ -17,45 +17,95 @@ their tensors are buffered until the layer is complete, then the layer is materi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+
+
+class ReloadSession:
+    """One in-place reload of a live vLLM model's weights: begin, load per bucket, finish.
+
+    Shared by the worker extension (shm buckets) and the gloo weight-transfer engine; callers hold
+    `set_current_vllm_config`. Works on CPU, where linear weights were repacked and freed at load time.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.aliases: dict[str, str] = {}
+        self.inplace: list[Any] = []
+        self.loaded: set[str] = set()
+
+    def begin(self, model: Any) -> None:
+        """Layers go to layerwise-reload mode (weights buffered until complete); in-place layers stay live."""
+        from vllm.model_executor.model_loader.reload.layerwise import (
+            get_layerwise_info,
+            initialize_layerwise_reload,
+        )
+
+        if self.active:
+            raise RuntimeError("begin weight update: a weight update session is already active")
+        self.aliases = _shared_parameters(model)
+        self.inplace = [m for m in model.modules() if _loads_in_place(m)]
+        # vLLM's initialize loop skips layers whose info reads "already initialized" (load_numel_total set);
+        # resetting that right after leaves the in-place layers untouched: live tensors, original loaders.
+        for layer in self.inplace:
+            get_layerwise_info(layer).load_numel_total = 0
+        initialize_layerwise_reload(model)
+        for layer in self.inplace:
+            get_layerwise_info(layer).reset()
+        self.active = True
+        self.loaded = set()
+
+    def load(self, model: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (one bucket) into the model."""
+        if not self.active:
+            raise RuntimeError("weights loaded outside a weight update session")
+        loaded = model.load_weights(tensors)
+        if loaded:
+            self.loaded.update(loaded)
+
+    def finish(self, model: Any, model_config: Any) -> dict[str, Any]:
+        """Process pending layers, re-tie, repack CPU GEMMs; returns {'loaded': n, 'not_loaded': [names]}."""
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        if not self.active:
+            raise RuntimeError("finish weight update called without a begin")
+        finalize_layerwise_reload(model, model_config)
+        reformat = _retie(model, self.aliases)
+        for layer in self.inplace:  # in-place layers: rebuild kernel-side copies (CPU GEMM packs)
+            if hasattr(layer, "cpu_linear"):
+                reformat[id(layer)] = layer
+        for layer in reformat.values():
+            _refresh_cpu_gemm(layer)
+        self.active = False
+        expected = {n for n, _ in model.named_parameters()}
+        return {"loaded": len(self.loaded), "not_loaded": sorted(expected - self.loaded - set(self.aliases))}
 
 
 class WeightSyncExtension:
     """Methods vLLM adds to its worker; called via `LLM.collective_rpc(name, args=...)`."""
 
+    def _aapo_session(self) -> ReloadSession:
+        session = self.__dict__.get("_aapo_reload")
+        if session is None:
+            session = self.__dict__["_aapo_reload"] = ReloadSession()
+        return session
+
     def aapo_begin_weight_update(self) -> None:
         """Start a reload session: layers go to layerwise-reload mode (weights buffered until complete)."""
         from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
-        if getattr(self, "_aapo_update_active", False):
-            raise RuntimeError("aapo_begin_weight_update: a weight update session is already active")
-        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
-        model = self.model_runner.get_model()
-        self._aapo_aliases = _shared_parameters(model)
-        self._aapo_inplace = [m for m in model.modules() if _loads_in_place(m)]
-        # vLLM's initialize loop skips layers whose info reads "already initialized" (load_numel_total set);
-        # resetting that right after leaves the in-place layers untouched: live tensors, original loaders.
-        for layer in self._aapo_inplace:
-            get_layerwise_info(layer).load_numel_total = 0
         with set_current_vllm_config(self.vllm_config):
-            initialize_layerwise_reload(model)
-        for layer in self._aapo_inplace:
-            get_layerwise_info(layer).reset()
-        self._aapo_update_active = True
-        self._aapo_loaded: set[str] = set()
+            self._aapo_session().begin(self.model_runner.get_model())
 
     def aapo_load_weights_file(self, path: str) -> int:
         """Load every tensor of one safetensors file (HF names) into the model; returns the tensor count."""
         from safetensors import safe_open
         from vllm.config import set_current_vllm_config
 
-        if not getattr(self, "_aapo_update_active", False):
+        session = self._aapo_session()
+        if not session.active:
             raise RuntimeError("aapo_load_weights_file called outside a weight update session")
-
         count = 0
 
         def tensors():  # zero-copy views of the (RAM-backed) file; the model copies them into its weights
@@ -66,16 +116,15 @@ class WeightSyncExtension:
                     yield name, f.get_tensor(name)
 
         with set_current_vllm_config(self.vllm_config):
-            loaded = self.model_runner.get_model().load_weights(tensors())
-        if loaded:
-            self._aapo_loaded.update(loaded)
+            session.load(self.model_runner.get_model(), tensors())
         return count
 
     def aapo_load_weights_shm(self, path: str, slot: int, entries: list) -> int:
         """Load one bucket from a shared-memory slot file: entries are [name, dtype, shape, byte offset]."""
         from vllm.config import set_current_vllm_config
 
-        if not getattr(self, "_aapo_update_active", False):
+        session = self._aapo_session()
+        if not session.active:
             raise RuntimeError("aapo_load_weights_shm called outside a weight update session")
         buf = _slot_buffer(self, path, int(slot))  # [capacity] uint8, shared with the trainer
 
@@ -90,9 +139,7 @@ class WeightSyncExtension:
 
         model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
-            loaded = model.load_weights(tensors())
-        if loaded:
-            self._aapo_loaded.update(loaded)
+            session.load(model, tensors())
         # The trainer overwrites this slot two buckets later: layers still waiting for tensors from a later
         # bucket must own copies of what they buffered from this one.
         _own_buffered_tensors(model, buf)
@@ -101,36 +148,31 @@ class WeightSyncExtension:
     def aapo_finish_weight_update(self) -> dict[str, Any]:
         """End the session: process pending layers; returns {'loaded': n, 'not_loaded': [names]}."""
         from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
-        if not getattr(self, "_aapo_update_active", False):
-            raise RuntimeError("aapo_finish_weight_update called without aapo_begin_weight_update")
-        model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(model, self.vllm_config.model_config)
-            reformat = _retie(model, self._aapo_aliases)
-            for layer in self._aapo_inplace:  # in-place layers: rebuild kernel-side copies (CPU GEMM packs)
-                if hasattr(layer, "cpu_linear"):
-                    reformat[id(layer)] = layer
-            for layer in reformat.values():
-                _refresh_cpu_gemm(layer)
-        self._aapo_update_active = False
+            result = self._aapo_session().finish(self.model_runner.get_model(), self.vllm_config.model_config)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             fn = getattr(self.model_runner, reset, None)
             if callable(fn):
                 fn()
-        expected = {n for n, _ in model.named_parameters()}
-        loaded = self._aapo_loaded
-        return {"loaded": len(loaded), "not_loaded": sorted(expected - loaded - set(self._aapo_aliases))}
+        return result
 
     def aapo_weight_checksum(self) -> float:
         """Sum of |w| over all parameters (a cheap fingerprint for tests), float64."""
-        import torch
-
         total = 0.0
         for _, p in self.model_runner.get_model().named_parameters():
             total += float(p.detach().double().abs().sum())
         return total
+
+    def aapo_weights_digest(self) -> dict[str, str]:
+        """{parameter name: sha256 of its bytes} over the served model (tests compare transports bitwise)."""
+        import hashlib
+
+        out = {}
+        for name, p in self.model_runner.get_model().named_parameters():
+            t = p.detach().contiguous().cpu()
+            out[name] = hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+        return out
 
 
 def _shared_parameters(model: Any) -> dict[str, str]:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from aapo_megatron.config import Config, ConfigError, dump_yaml
+from aapo_megatron.trainer import timeshare
 from aapo_megatron.trainer.batch import RolloutBatch, shard_indices
 from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager
 from aapo_megatron.trainer.metrics import MetricsLogger, summary_table, write_plots
@@ -331,6 +332,7 @@ class TrainingJob:
         engines once and the sync is repeated; a second failure stops the run.
         """
         t0 = time.perf_counter()
+        timeshare.before_sync(self.policy_engine, self.chunks)
         for attempt in (1, 2):
             error = self._sync_once()
             error = _broadcast_object(error)
@@ -342,6 +344,7 @@ class TrainingJob:
             if self.is_rank0:
                 self._restart_engines()
                 self.state.engine_restarts += 1
+        timeshare.after_sync(self.policy_engine)
         _barrier()
         return time.perf_counter() - t0
 
@@ -543,6 +546,7 @@ class TrainingJob:
         from aapo_megatron.trainer.rollout import evaluate
 
         if self.is_rank0 and self.eval_set is not None:
+            timeshare.before_generate([self.policy_engine])
             m = evaluate(self.policy_engine, self.tokenizer, list(self.eval_set), self.reward_pool, self.cfg,
                          self.tokenizer.eos_token_id)
             log.info("eval @ step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in m.items()))
@@ -560,10 +564,14 @@ class TrainingJob:
         for step in range(start + 1, total + 1):
             t_step = time.perf_counter()
             m: dict[str, float] = {}
+            timeshare.before_generate([self.policy_engine, self.reference_engine])
             batch, m = self._collect_with_restart(step)
             if self.is_rank0 and self._prefetch_reference and step < total:
                 nxt = self.sampler.peek_batch(cfg.data.prompts_per_step)
                 self.collector.prefetch_reference([self.train_set[i] for i in nxt], step + 1)
+            # generate -> sleep -> train (the reference stays awake while it prefetches the next step)
+            timeshare.after_generate([self.policy_engine, None if self._prefetch_reference else self.reference_engine],
+                                     self.chunks)
             t0 = time.perf_counter()
             loss_name = self._loss_name()
             results = self._updates(batch, cfg.trainer.updates_per_step, loss_name)

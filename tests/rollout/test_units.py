@@ -20,7 +20,6 @@ from aapo_megatron.rollout.weight_sync import (
     StageRunner,
     WeightSyncError,
     WeightSyncTimeout,
-    choose_transport,
     iter_buckets,
     stream_via_files,
 )
@@ -48,11 +47,6 @@ def test_iter_buckets_casts_and_rejects_bad_input():
         list(iter_buckets([("x", torch.ones(1)), ("x", torch.ones(1))], 1024))
     with pytest.raises(TypeError, match="weight 'x' is a list"):
         list(iter_buckets([("x", [1.0])], 1024))
-
-
-def test_choose_transport():
-    assert choose_transport("cpu") == "shm"
-    assert choose_transport(torch.device("cuda", 0)) == "nccl"
 
 
 def test_stage_runner_names_the_hung_stage():

@@ -66,9 +66,9 @@ def test_sync_with_layers_spread_over_buckets_matches_hf(policy_engine, model_di
     policy_engine.update_weights(spread(models["b"]))
     assert policy_engine.last_sync.num_buckets >= 5
     assert greedy_ids(policy_engine) == hf_greedy(models["b"], PROMPTS, 24)
-    slot_files = sorted(os.listdir(policy_engine._slots.dir))
+    slot_files = sorted(os.listdir(policy_engine._transport.slots.dir))
     policy_engine.update_weights(hf_named_tensors(models["a"]))
-    assert sorted(os.listdir(policy_engine._slots.dir)) == slot_files, "slot files are reused across syncs"
+    assert sorted(os.listdir(policy_engine._transport.slots.dir)) == slot_files, "slot files are reused across syncs"
     assert greedy_ids(policy_engine) == hf_greedy(models["a"], PROMPTS, 24)
 
 

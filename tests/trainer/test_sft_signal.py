@@ -1,6 +1,8 @@
 """A stop signal during the SFT warm start: a real `aapo-train` process saves an SFT checkpoint and exits 3 (so
-Slurm requeues), and `--resume auto` continues the SFT exactly: step, sampler, optimizer and RNG carry over."""
+Slurm requeues), and `--resume auto` continues the SFT exactly: step, sampler, optimizer and RNG carry over. And the
+guard against non-finite gradients (trainer.max_bad_steps), on the same cheap SFT-only runs."""
 
+import math
 import os
 import signal
 import subprocess
@@ -64,3 +66,22 @@ def test_signal_during_sft_saves_exits_3_and_resumes_exactly(tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert read_metrics(metrics)[0]["step"] == -29  # one history: the stopped run's records, then the resumed run's
+
+
+@pytest.mark.slow
+def test_non_finite_gradients_stop_the_run_after_max_bad_steps(tmp_path):
+    """A real fault, no mock: sft_lr=1e30 makes the first update blow the weights up; every later gradient is NaN.
+    Those updates are skipped and counted, and the third in a row (trainer.max_bad_steps=3) stops the run, exit 1."""
+    run_dir = str(tmp_path / "bad")
+    proc = subprocess.run(_cmd(run_dir, 1, SFT + ["trainer.sft_lr=1e30", "trainer.max_bad_steps=3"]), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert ("aapo-train: 3 consecutive steps had a non-finite loss or gradient (trainer.max_bad_steps=3); stopping. "
+            "Lower optim.lr or check the data.") in out
+    assert out.count("non-finite loss or gradient: update skipped") == 3
+    records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r.get("phase") == "sft"]
+    assert [r["bad_steps"] for r in records] == [0, 1, 2]  # step 4 raised before it was logged
+    assert records[0]["grad_norm"] > 0 and all(r["grad_norm"] in (None, "nan") or math.isnan(r["grad_norm"])
+                                          for r in records[1:])  # non-finite: logged as NaN
+    assert not os.path.exists(os.path.join(run_dir, "hf_final"))

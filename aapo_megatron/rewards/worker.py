@@ -11,6 +11,7 @@ worker -> ("ok", idx, row, errors) per sample, in order.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import socket
@@ -30,15 +31,22 @@ def _die_with_parent() -> None:
 
 
 def score_one(fns: Sequence[Any], names: Sequence[str], x: Any) -> tuple[list[Optional[float]], list[str]]:
-    """Run every reward function on one RewardInput: (row with None where a function raised, error messages)."""
+    """Run every reward function on one RewardInput: (row with None where a function raised or returned +-inf,
+    error messages). NaN passes through: it means the function does not apply to the sample."""
     row: list[Optional[float]] = []
     errors: list[str] = []
     for name, fn in zip(names, fns):
         try:
-            row.append(float(fn(x)))
+            value = float(fn(x))
         except Exception as exc:  # a reward function bug must not take the worker down
             row.append(None)
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        if math.isinf(value):  # no advantage can be computed from it: a failure of that function, like raising
+            row.append(None)
+            errors.append(f"{name}: returned {value} (a reward must be finite; NaN means 'does not apply')")
+            continue
+        row.append(value)
     return row, errors
 
 

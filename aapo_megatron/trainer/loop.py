@@ -129,6 +129,7 @@ class TrainingJob:
         self.state = LoopState()
         self.policy_engine = self.reference_engine = self.reward_pool = None
         self.collector = None  # RolloutCollector, rank 0
+        self.sampler = self.reference_cache = None  # RL prompt sampler, reference cache (rank 0, set by the RL start)
         self.metrics: Optional[MetricsLogger] = None
         self.ckpt = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last, is_writer=self.is_rank0,
                                       barrier=_barrier)
@@ -429,29 +430,43 @@ class TrainingJob:
         return RolloutBatch(prompt_ids=[list(p.input_ids) for p in chosen], completion_ids=answers,
                             advantages=torch.ones(len(chosen)))
 
-    def run_sft(self, stop: StopRequest) -> None:
-        """Supervised warm start on (prompt, answer) pairs; every rank builds the same batches."""
+    def _build_sft_optimizer(self) -> None:
+        self._build_optimizer(lr=self.cfg.trainer.sft_lr, total_updates=self.cfg.trainer.sft_steps, constant=True)
+
+    def run_sft(self, stop: StopRequest) -> int:
+        """Supervised warm start on (prompt, answer) pairs from `state.sft_step` on; every rank builds the same
+        batches. A stop signal saves a checkpoint (RL step 0: an SFT checkpoint) and returns EXIT_STOPPED."""
         from aapo_megatron.data.dataset import PromptDataset
         from aapo_megatron.data.sampler import ResumableSampler
 
         steps = self.cfg.trainer.sft_steps
         prompts = PromptDataset.from_config(self.cfg.data, self.tokenizer, "train")
         sampler = ResumableSampler(len(prompts), seed=self.cfg.data.seed + 1, shuffle=self.cfg.data.shuffle)
-        self._build_optimizer(lr=self.cfg.trainer.sft_lr, total_updates=steps, constant=True)
-        log.info("SFT warm start: %d steps of %d pairs, lr %g", steps, self.cfg.trainer.sft_batch_size,
-                 self.cfg.trainer.sft_lr)
+        start = self.state.sft_step
+        if start > 0:  # resumed from an SFT checkpoint: `_resume` built and loaded the SFT optimizer
+            sampler.load_state_dict(self.state.sft_sampler)
+        else:
+            self._build_sft_optimizer()
+        log.info("SFT warm start: %d steps of %d pairs, lr %g%s", steps, self.cfg.trainer.sft_batch_size,
+                 self.cfg.trainer.sft_lr, f", resumed after step {start}" if start else "")
         t0 = time.perf_counter()
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
             results = self._updates(self._sft_batch(sampler, prompts), 1, "sft_ce")
             self._guard(results)
             m = self._update_metrics(results)
+            self.state.sft_step, self.state.sft_sampler = step, sampler.state_dict()
             if self.metrics is not None:
-                self.metrics.log(-steps + step, {"phase": "sft", "sft/loss": m["loss"], "grad_norm": m["grad_norm"]})
+                self.metrics.log(-steps + step, {"phase": "sft", "sft/loss": m["loss"], "grad_norm": m["grad_norm"],
+                                                 "bad_steps": float(self.state.total_bad)})
             if step % max(1, steps // 10) == 0 or step == steps:
                 log.info("sft %d/%d  loss %.4f  (%.1fs)", step, steps, m["loss"], time.perf_counter() - t0)
-            if stop.requested:
-                raise TrainingError(f"stopped by {stop.signal_name} during the SFT warm start (nothing to save yet)")
+            if _broadcast_object(stop.requested if self.is_rank0 else None) or stop.requested:
+                self.save_checkpoint()
+                log.warning("stop signal received during the SFT warm start: checkpoint at SFT step %d/%d saved, "
+                            "exiting (code %d)", step, steps, EXIT_STOPPED)
+                return EXIT_STOPPED
         self.state.sft_step = steps
+        return EXIT_OK
 
     # ================================================================== checkpoints
     def save_checkpoint(self) -> None:
@@ -460,7 +475,7 @@ class TrainingJob:
 
         step = self.state.step
         t0 = time.perf_counter()
-        if self.is_rank0:
+        if self.is_rank0 and self.sampler is not None:  # None during the SFT warm start
             self.state.sampler = self.sampler.state_dict()
             if self.reference_cache is not None:
                 self.collector.wait_prefetch()  # a prefetch may be adding to the cache
@@ -488,10 +503,12 @@ class TrainingJob:
                 raise CheckpointError(f"no checkpoint at {self.cfg.checkpoint.resume}")
             return None
         log.info("resuming from %s", info.path)
-        load_model_and_optimizer(os.path.join(info.path, MODEL_DIR), self.chunks, self.optimizer)
         trainer_state = load_trainer_state(info.path)
         if trainer_state is None:
             raise CheckpointError(f"checkpoint {info.path} has no trainer state")
+        if trainer_state["loop"]["step"] == 0:  # taken during the SFT warm start: it holds the SFT optimizer
+            self._build_sft_optimizer()
+        load_model_and_optimizer(os.path.join(info.path, MODEL_DIR), self.chunks, self.optimizer)
         self.state = LoopState(**trainer_state["loop"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         load_rng(info.path)
@@ -512,12 +529,15 @@ class TrainingJob:
             if self.cfg.checkpoint.resume is not None:
                 self._build_optimizer(total_updates=self._rl_total_updates())
                 resumed_step = self._resume()
-            self.metrics = MetricsLogger(self.run_dir, cfg.logging, is_writer=self.is_rank0,
-                                         resume_step=resumed_step, run_config=cfg.to_dict())
-            if resumed_step is None:
+            in_sft = resumed_step == 0  # resumed from a checkpoint of the SFT warm start (RL checkpoints are >= 1)
+            self.metrics = MetricsLogger(self.run_dir, cfg.logging, is_writer=self.is_rank0, run_config=cfg.to_dict(),
+                                         resume_step=self.state.sft_step - cfg.trainer.sft_steps if in_sft else resumed_step)
+            if resumed_step is None or in_sft:
                 if cfg.trainer.sft_steps > 0 or cfg.algorithm.name == "sft":
-                    self.run_sft(stop)
+                    if self.run_sft(stop) == EXIT_STOPPED:
+                        return EXIT_STOPPED
                 self._build_optimizer(total_updates=self._rl_total_updates())
+                resumed_step = None  # from here on, as a fresh run
             if cfg.algorithm.name == "sft":
                 self.export_hf(os.path.join(self.run_dir, "hf_final"))
                 log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.ops.grad_check import assert_grad_close
 
 
 def _case(seed, n, v, dtype):
@@ -86,7 +87,6 @@ def _check(tp, dtype, results):
     p = logsm.exp()
     h_ref = -(p * torch.where(p > 0, logsm, torch.zeros_like(logsm))).sum(-1)
     (-lp_ref * g.double()).sum().backward()
-    grad_atol = 2e-6 if dtype == torch.float32 else 1e-2
     for rank, out in enumerate(results):
         shard = 1000 // tp
         grad_ref = xr.grad[:, rank * shard : (rank + 1) * shard].view(6, 2, shard)
@@ -96,12 +96,9 @@ def _check(tp, dtype, results):
             torch.testing.assert_close(lp, out["megatron_logp"].float(), rtol=1e-6, atol=2e-5)
             torch.testing.assert_close(lp.double().view(-1), lp_ref.detach(), rtol=1e-6, atol=2e-5)
             torch.testing.assert_close(h.double().view(-1), h_ref.detach(), rtol=0, atol=2e-5)
-            torch.testing.assert_close(grad, out["megatron_grad"], rtol=1e-2 if dtype != torch.float32 else 1e-4,
-                                       atol=grad_atol)
-            torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-2 if dtype != torch.float32 else 1e-4,
-                                       atol=grad_atol)
+            assert_grad_close(grad, out["megatron_grad"], dtype)
+            assert_grad_close(grad, grad_ref, dtype)
         for kind in ("tensor", "callable"):
-            torch.testing.assert_close(out[f"fused_grad_{kind}"].double(), grad_ref,
-                                       rtol=1e-2 if dtype != torch.float32 else 1e-4, atol=grad_atol)
+            assert_grad_close(out[f"fused_grad_{kind}"], grad_ref, dtype)
     if tp == 2:
         torch.testing.assert_close(results[0]["logp_False"], results[1]["logp_False"], rtol=0, atol=0)

@@ -20,6 +20,11 @@ def raise_on_request(x: RewardInput) -> float:
     return 2.0
 
 
+def inf_on_request(x: RewardInput) -> float:
+    """+inf / -inf when the completion says "INF" / "-INF", NaN for "NAN" (does not apply); else 3.0."""
+    return {"INF": float("inf"), "-INF": float("-inf"), "NAN": float("nan")}.get(x.completion, 3.0)
+
+
 def torch_imported(x: RewardInput) -> float:
     """1.0 if torch is loaded in this process (reward workers should stay light)."""
     return 1.0 if "torch" in sys.modules else 0.0

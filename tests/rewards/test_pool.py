@@ -84,9 +84,10 @@ def test_pathological_expression_times_out_and_the_pool_keeps_scoring(pool):
     assert again.num_timeouts == 0 and pool.totals["timeouts"] >= 1 and pool.totals["restarts"] >= 1
 
 
-def test_crash_error_and_nan_failure_value():
+def test_crash_error_inf_and_nan_failure_value():
     cfg = RewardConfig(
-        functions={"tests.rewards.faults:crash_on_request": 1.0, "tests.rewards.faults:raise_on_request": 1.0},
+        functions={"tests.rewards.faults:crash_on_request": 1.0, "tests.rewards.faults:raise_on_request": 1.0,
+                   "tests.rewards.faults:inf_on_request": 1.0},
         num_workers=1, timeout_s=5.0, on_failure="nan",
     )
     with RewardPool(cfg) as pool:
@@ -94,13 +95,23 @@ def test_crash_error_and_nan_failure_value():
         result = pool.score(["a", "RAISE", "CRASH", "b"], [{}] * 4)
         assert result.failed.tolist() == [False, True, True, False]
         assert (result.num_crashes, result.num_errors, result.num_timeouts) == (1, 1, 0)
-        assert result.rewards[0].tolist() == [1.0, 2.0] and result.rewards[3].tolist() == [1.0, 2.0]
+        assert result.rewards[0].tolist() == [1.0, 2.0, 3.0] and result.rewards[3].tolist() == [1.0, 2.0, 3.0]
         assert result.rewards[1, 0].item() == 1.0 and math.isnan(result.rewards[1, 1])  # only the raising column
         assert torch.isnan(result.rewards[2]).all()  # the crashed sample: on_failure=nan everywhere
         assert result.messages[0] == "sample 1: tests.rewards.faults:raise_on_request: ValueError: asked to raise"
         assert result.messages[1] == f"sample 2: reward worker pid {pid} died (exit code 7); replaced"
         assert pool.worker_pids[0] != pid
-        assert pool.score(["c"], [{}]).rewards.tolist() == [[1.0, 2.0]]
+        assert pool.score(["c"], [{}]).rewards.tolist() == [[1.0, 2.0, 3.0]]
+        # +-inf is a failure of that function for that sample (on_failure value, counted, flagged); NaN is not.
+        result = pool.score(["INF", "-INF", "NAN"], [{}] * 3)
+        assert result.failed.tolist() == [True, True, False] and result.num_errors == 2
+        assert result.rewards[:2, :2].tolist() == [[1.0, 2.0], [1.0, 2.0]] and torch.isnan(result.rewards[:, 2]).all()
+        assert result.messages == [
+            "sample 0: tests.rewards.faults:inf_on_request: returned inf (a reward must be finite; NaN means "
+            "'does not apply')",
+            "sample 1: tests.rewards.faults:inf_on_request: returned -inf (a reward must be finite; NaN means "
+            "'does not apply')"]
+        assert torch.isfinite(result.total()).all()  # nothing non-finite reaches the advantages
 
 
 def test_pool_input_errors():

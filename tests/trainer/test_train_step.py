@@ -1,10 +1,13 @@
 """The Megatron train step: global token-mean loss and identical updates for any TP / PP / DP / micro-batching.
 
 Every layout trains the same tiny Llama (same seed, same samples) with the real fused log-prob op and the
-aapo_ce loss through Megatron's forward-backward schedule and DDP; losses, gradient norms and the updated
-weights must agree with a single-process, single-micro-batch run, whose loss is checked against a pure-torch
-computation of -sum(A * log p * m) / sum(m).
+aapo_ce loss through Megatron's forward-backward schedule and DDP; losses, gradient norms, every parameter's
+gradient (gathered to full HF-named tensors) and the updated weights must agree with a single-process,
+single-micro-batch run, whose loss is checked against a pure-torch computation of -sum(A * log p * m) / sum(m).
+That baseline run first gets a poisoned update (an infinite advantage): it must be skipped and leave no trace.
 """
+
+import math
 
 import pytest
 import torch
@@ -21,7 +24,29 @@ def _batch():
     return RolloutBatch(prompts, completions, torch.randn(6, generator=g))
 
 
-def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fused_adam=True):
+def _poisoned_batch():
+    batch = _batch()
+    batch.advantages[0] = float("inf")  # -A * log p = inf: a non-finite loss and gradient
+    return batch
+
+
+def _gathered_grads(model, mapping) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of the last update (Megatron DDP's fp32 main_grad, after the DP all-reduce),
+    gathered over TP/PP into full HF-named tensors, by swapping each parameter's data for it during the gather."""
+    from aapo_megatron.models.weights import gather_hf_state_dict
+
+    params = list(model.parameters())
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.main_grad
+        return gather_hf_state_dict(model, mapping)
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+
+
+def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fused_adam=True, poison=False):
     from megatron.core import parallel_state as ps
 
     from aapo_megatron.config import OptimConfig, load_config
@@ -61,14 +86,46 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fu
     batch = _batch()
     idx = shard_indices(len(batch), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
     micro = micro_batcher(batch, token_budget, pack=pack)(idx)
-    stats = []
+    poisoned = None
+    if poison:  # one update on a poisoned copy of the batch first: the guard must skip it
+        s = run_update(chunks, opt, sched, micro_batcher(_poisoned_batch(), token_budget, pack=pack)(idx),
+                       build_loss_fn(loss_name, cfg.algorithm), optim.clip_grad)
+        after = gather_hf_state_dict(model, mapping)
+        poisoned = {"loss": s.loss, "grad_norm": s.update.grad_norm, "applied": s.update.applied,
+                    "weights_unchanged": all(torch.equal(after[n], init[n]) for n in after),
+                    "lr_steps": sched.num_steps}
+    stats, grads = [], []
     for u in range(updates):
         loss_fn = build_loss_fn(loss_name, cfg.algorithm)
         s = run_update(chunks, opt, sched, micro, loss_fn, optim.clip_grad)
         stats.append((s.loss, s.update.grad_norm, s.num_tokens, s.update.applied, s.metrics.get("entropy")))
+        grads.append(_gathered_grads(model, mapping))
     weights = gather_hf_state_dict(model, mapping)
-    return {"stats": stats, "weights": weights if rank == 0 else None, "micro": len(micro),
-            "fused": [g["fused"] for g in groups], "samples_per_row": max(int(m.segment_ids.max()) if m.segment_ids is not None else 1 for m in micro)}
+    return {"stats": stats, "weights": weights if rank == 0 else None, "grads": grads if rank == 0 else None,
+            "micro": len(micro), "poisoned": poisoned, "fused": [g["fused"] for g in groups],
+            "samples_per_row": max(int(m.segment_ids.max()) if m.segment_ids is not None else 1 for m in micro)}
+
+
+def assert_grads_close(got: torch.Tensor, want: torch.Tensor, rtol: float, big: float, floor: float, msg: str) -> None:
+    """Relative agreement (rtol) of every element with |want| > big x max|want|; the rest within floor x max|want|."""
+    scale = want.abs().max().item()
+    large = want.abs() > big * scale
+    err = (got - want).abs()
+    worst = (err[large] / want[large].abs()).max().item() if large.any() else 0.0
+    assert worst <= rtol, f"{msg}: relative gradient error {worst:.3g} > {rtol} (max |grad| {scale:.3g})"
+    small = err[~large].max().item() if (~large).any() else 0.0
+    assert small <= floor * scale, f"{msg}: gradient error {small:.3g} > {floor} x {scale:.3g} on the small entries"
+
+
+def _assert_same_grads(got_run, want_run):
+    # Summation order differs between layouts; the second update's gradient is taken at weights that Adam moved by
+    # an amount following the gradient's rounding where |grad| ~ its eps. Measured: relative error <= 1.1e-4 on
+    # entries above 1% of a tensor's largest, absolute <= 4.2e-6 of the largest elsewhere. A layout bug (a missing
+    # or doubled reduction, a wrong token count) is off by O(1) relative.
+    for u, (got, want) in enumerate(zip(got_run["grads"], want_run["grads"])):
+        assert got.keys() == want.keys()
+        for name, g in want.items():
+            assert_grads_close(got[name], g, rtol=1e-3, big=1e-2, floor=1e-5, msg=f"update {u}, {name}")
 
 
 def _reference_loss():
@@ -101,7 +158,16 @@ def _reference_loss():
 
 @pytest.fixture(scope="module")
 def baseline():
-    return run_ranks(_train, 1, args=(1, 1, 4096, "aapo_ce", 2), env={"OMP_NUM_THREADS": "1"})[0]
+    return run_ranks(_train, 1, args=(1, 1, 4096, "aapo_ce", 2, False, True, True), env={"OMP_NUM_THREADS": "1"})[0]
+
+
+def test_non_finite_update_is_skipped_and_leaves_no_trace(baseline):
+    """The baseline's first update had an infinite advantage: not applied, weights and LR schedule untouched. Every
+    other run here has no poisoned update and must still match the baseline's later updates, so the skipped one
+    left nothing behind in the weights, Adam's moments or its step count either."""
+    p = baseline["poisoned"]
+    assert not p["applied"] and not math.isfinite(p["grad_norm"]) and not math.isfinite(p["loss"])
+    assert p["weights_unchanged"] and p["lr_steps"] == 0
 
 
 def test_single_process_loss_matches_pure_torch(baseline):
@@ -130,6 +196,9 @@ def test_layouts_agree(baseline, world, tp, pp, budget):
         assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-6)  # loss
         assert got[1] == pytest.approx(want[1], rel=1e-4)  # grad norm (pre-clip)
         assert got[2] == want[2]  # token count of the step
+    # Every parameter's gradient, both updates (the second is taken at the weights the first update made). Adam's
+    # first step is lr x sign(grad), so the weights below cannot see a gradient that is wrong only in size.
+    _assert_same_grads(out[0], baseline)
     # Adam divides by sqrt(v) + 1e-8, so an element whose gradient is near 1e-8 moves by an amount that follows
     # the gradient's rounding, and TP sums the gradient in another order: on an Intel Xeon (AMX) one v_proj
     # element of 8192 differed by 2.1e-5 after two updates. atol is 1% of lr (1e-2); a layout bug moves
@@ -144,6 +213,7 @@ def _assert_same_updates(got_run, want_run):
         assert got[1] == pytest.approx(want[1], rel=1e-4)  # grad norm (pre-clip)
         assert got[2] == want[2]  # token count of the step
         assert got[4] == pytest.approx(want[4], rel=1e-5)  # entropy
+    _assert_same_grads(got_run, want_run)
     for name, w in want_run["weights"].items():
         torch.testing.assert_close(got_run["weights"][name], w, rtol=1e-4, atol=1e-5, msg=name)
 

@@ -128,6 +128,7 @@ class TrainingJob:
         self.state = LoopState()
         self.policy_engine = self.reference_engine = self.reward_pool = None
         self.collector = None  # RolloutCollector, rank 0
+        self.reference = None  # models.reference.ReferenceModel, every rank, when the run needs one
         self.metrics: Optional[MetricsLogger] = None
         self.ckpt = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last, is_writer=self.is_rank0,
                                       barrier=_barrier)
@@ -376,6 +377,8 @@ class TrainingJob:
             mine = shard_indices(len(mini), self.layout.dp_rank, self.layout.dp_size)
             indices = range(mini.start + mine.start, mini.start + mine.stop)
             micro = micro_batches(indices)
+            if self.reference is not None:
+                self.reference.fill_ref_logprobs(micro)  # the k3 KL and kl/reference
             loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0))
             results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn,
                                       self.cfg.optim.clip_grad))
@@ -517,8 +520,13 @@ class TrainingJob:
                 log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))
                 return EXIT_OK
             # The frozen reference (and the policy engine's initial weights) = the starting point of RL.
-            if resumed_step is None or not os.path.isdir(hf_init):
+            from aapo_megatron.models.reference import build_run_reference, check_reference_init
+
+            init_missing = resumed_step is not None and not os.path.isdir(hf_init)
+            check_reference_init(cfg, hf_init, init_missing)  # before the export below would replace it
+            if resumed_step is None or init_missing:
                 self.export_hf(hf_init)  # a fresh run always starts from its own weights, never a stale export
+            self.reference = build_run_reference(cfg, self.spec, self.model, hf_init)
             self._start_components(hf_init)
             start = self.state.step
             if resumed_step is not None or cfg.rollout.placement == "server":

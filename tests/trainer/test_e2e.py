@@ -105,7 +105,8 @@ def _wait_for(predicate, proc, timeout, poll=0.5):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
-    steps = ["trainer.steps=4", "checkpoint.save_every=2"]
+    # kl_beta > 0: the frozen Megatron reference (built from hf_init, also after the resume) enters the loss.
+    steps = ["trainer.steps=4", "checkpoint.save_every=2", "algorithm.kl_beta=0.05"]
     straight = str(tmp_path / "straight")
     # The straight run samples each step's reference responses in that step; the resumed run prefetches them
     # while the previous step trains. Both must draw the same samples.
@@ -138,8 +139,11 @@ def test_kill_and_resume_is_exact(tmp_path):
     # Step 3 is the resumed process's first step: nothing was prefetched for it.
     assert [r["reference/prefetched"] for r in b] == [0, 1, 0, 1]
     for ra, rb in zip(a, b):
-        for key in ("loss", "reward/mean", "reward/ref_mean", "grad_norm", "response/len_mean"):
+        for key in ("loss", "reward/mean", "reward/ref_mean", "grad_norm", "response/len_mean", "kl/reference"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    # Step 1 trains the weights the reference holds; later steps have moved away from them (a reference rebuilt
+    # from the resumed policy would read 0 again at step 3, unlike the straight run).
+    assert a[0]["kl/reference"] < 1e-12 and all(r["kl/reference"] > 0 for r in a[1:]), [r["kl/reference"] for r in a]
     wa, wb = _weights(straight, "hf_final"), _weights(resumed, "hf_final")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

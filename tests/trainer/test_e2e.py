@@ -70,8 +70,9 @@ def _weights(run_dir, which):
 @pytest.mark.slow
 def test_aapo_tp2_end_to_end(tmp_path):
     run_dir = str(tmp_path / "tp2")
+    # reference_kl: the frozen Megatron reference at TP=2 for the kl/reference metric alone (kl_beta stays 0).
     code, out = _run(run_dir, nproc=2, extra=["parallel.tensor_model_parallel_size=2", "trainer.steps=3",
-                                               "checkpoint.save_every=3"])
+                                               "checkpoint.save_every=3", "algorithm.reference_kl=true"])
     assert code == 0, out[-4000:]
     records = _rl_records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -85,6 +86,8 @@ def test_aapo_tp2_end_to_end(tmp_path):
                     "time/rollout", "time/reference", "time/train", "time/sync", "tokens_per_s", "lr"):
             assert key in r, key
     assert any(r["adv/mean_abs_advantage"] > 0 for r in records), "every advantage was zero: nothing to learn"
+    kl = [r["kl/reference"] for r in records]
+    assert kl[0] < 1e-12 and all(k > 0 for k in kl[1:]), kl  # the policy starts at the reference, then leaves it
     start, final = _weights(run_dir, "hf_init"), _weights(run_dir, "hf_final")
     assert max((final[k] - start[k]).abs().max().item() for k in start) > 0, "RL did not change the weights"
     assert CheckpointManager(os.path.join(run_dir, "checkpoints")).latest().step == 3

@@ -40,7 +40,7 @@ EXPORT_SHARD_BYTES = 2 * 1024**3  # HF export shard size
 PREFETCH_CLOSE_TIMEOUT_S = 120.0  # close() waits this long for a running reference prefetch
 SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy", "loss",
                 "adv/mean_abs_advantage", "adv/mean_abs_advantage_no_margin", "adv/zero_variance_group_fraction",
-                "response/len_mean", "mismatch/mean", "grad_norm", "time/step", "tokens_per_s")
+                "response/len_mean", "mismatch/mean", "kl/reference", "grad_norm", "time/step", "tokens_per_s")
 
 
 class TrainingError(RuntimeError):

@@ -114,7 +114,10 @@ class AlgorithmConfig:
     clip_eps_high: float = 0.2
     """grpo_clip: upper ratio clip (1 + eps_high); 0.28 is "clip-higher"."""
     kl_beta: float = 0.0
-    """Weight of the k3 KL penalty to the reference model's log-probs (0 disables the reference forward)."""
+    """Weight of the k3 KL penalty to the frozen reference model's log-probs, in every policy loss (aapo_ce and
+    grpo_clip). > 0 builds the Megatron reference (one more copy of the weights, one forward per step)."""
+    reference_kl: bool = False
+    """Build the frozen Megatron reference even with kl_beta = 0, only to log kl/reference (costs its memory)."""
 
 
 @dataclass
@@ -298,6 +301,8 @@ class TrainerConfig:
     """SFT completion text; {answer} is replaced by the ground truth (e.g. "<answer>{answer}</answer>")."""
     run_dir: str = "runs/default"
     """Output directory: metrics, plots, checkpoints."""
+    offload_reference: bool = False
+    """CUDA: keep the frozen reference model's weights in pinned host memory between its forwards (no-op on CPU)."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Policy losses over token log-probs: aapo_ce, grpo_clip (optional k3 KL), sft_ce.
+"""Policy losses over token log-probs: aapo_ce and grpo_clip (both with an optional k3 KL), sft_ce.
 
 Every loss is a global token mean (see aggregation.py): a micro-batch returns sum(per_token * mask) * grad_scale / T
 with T the step's token count, so summing micro-batches and averaging DP gradients gives the step's exact loss.
@@ -29,7 +29,7 @@ class PolicyLossInputs:
     old_logp: Optional[torch.Tensor] = None
     """Log-probs of the policy that generated the samples (grpo_clip); None means on-policy (ratio 1)."""
     ref_logp: Optional[torch.Tensor] = None
-    """Log-probs of the reference model (grpo_clip with kl_beta > 0)."""
+    """Log-probs of the frozen reference model (kl_beta > 0)."""
 
 
 @dataclass
@@ -83,14 +83,45 @@ def _check_shapes(logp: torch.Tensor, inputs: PolicyLossInputs) -> None:
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 
 
+KL_METRIC = "kl/reference"
+"""Token mean of the k3 KL of the policy to the frozen reference on the sampled tokens."""
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0 (shape of logp)."""
+    log_r = ref_logp.to(logp.dtype) - logp
+    return torch.exp(log_r) - log_r - 1.0
+
+
+def _add_kl(cfg: AlgorithmConfig, name: str, values: torch.Tensor, logp: torch.Tensor, inputs: PolicyLossInputs,
+            metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """values + kl_beta * k3 (and the kl/reference metric) when kl_beta > 0."""
+    if cfg.kl_beta <= 0:
+        return values
+    if inputs.ref_logp is None:
+        raise ValueError(f"{name} with kl_beta > 0 needs ref_logp (reference-model log-probs)")
+    k3 = k3_kl(logp, inputs.ref_logp)
+    metrics[KL_METRIC] = k3
+    return values + cfg.kl_beta * k3
+
+
 @POLICY_LOSSES.register("aapo_ce")
 class AAPOCrossEntropyLoss(PolicyLoss):
-    """Advantage-weighted cross-entropy: -A * log pi(o_t), no ratio, no clipping, no KL (DESIGN.md section 1)."""
+    """Advantage-weighted cross-entropy: -A * log pi(o_t), no ratio, no clipping (DESIGN.md section 1);
+    + kl_beta * k3 KL to the reference when kl_beta > 0."""
+
+    def __init__(self, cfg: AlgorithmConfig):
+        super().__init__(cfg)
+        self.needs_ref_logp = cfg.kl_beta > 0
 
     def per_token(self, logp, inputs):
-        return -inputs.advantages.to(logp.dtype) * logp, {}
+        metrics: dict[str, torch.Tensor] = {}
+        values = _add_kl(self.cfg, self.name, -inputs.advantages.to(logp.dtype) * logp, logp, inputs, metrics)
+        return values, metrics
 
     def logp_coefficients(self, inputs, norm):
+        if self.cfg.kl_beta > 0:
+            return None  # the KL term is not linear in logp
         return -inputs.advantages.float() * norm.coefficient(inputs.mask)
 
 
@@ -122,14 +153,7 @@ class GRPOClipLoss(PolicyLoss):
         clipped = ratio.clamp(1.0 - self.cfg.clip_eps_low, 1.0 + self.cfg.clip_eps_high)
         values = -torch.minimum(ratio * adv, clipped * adv)
         metrics = {"clip_fraction": ((ratio * adv) > (clipped * adv)).float(), "ratio": ratio}
-        if self.cfg.kl_beta > 0:
-            if inputs.ref_logp is None:
-                raise ValueError("grpo_clip with kl_beta > 0 needs ref_logp (reference-model log-probs)")
-            log_r = inputs.ref_logp.to(logp.dtype) - logp
-            k3 = torch.exp(log_r) - log_r - 1.0  # k3 estimator of KL(pi || pi_ref), >= 0
-            values = values + self.cfg.kl_beta * k3
-            metrics["kl"] = k3
-        return values, metrics
+        return _add_kl(self.cfg, self.name, values, logp, inputs, metrics), metrics
 
 
 def default_loss_name(cfg: AlgorithmConfig) -> str:

@@ -41,7 +41,7 @@ EXPORT_SHARD_BYTES = 2 * 1024**3  # HF export shard size
 PREFETCH_CLOSE_TIMEOUT_S = 120.0  # close() waits this long for a running reference prefetch
 SUMMARY_KEYS = ("reward/mean", "reward/ref_mean", "train/accuracy", "eval/accuracy", "loss",
                 "adv/mean_abs_advantage", "adv/mean_abs_advantage_no_margin", "adv/zero_variance_group_fraction",
-                "response/len_mean", "mismatch/mean", "grad_norm", "time/step", "tokens_per_s")
+                "response/len_mean", "mismatch/mean", "kl/reference", "grad_norm", "time/step", "tokens_per_s")
 
 
 class TrainingError(RuntimeError):
@@ -130,6 +130,7 @@ class TrainingJob:
         self.policy_engine = self.reference_engine = self.reward_pool = None
         self.collector = None  # RolloutCollector, rank 0
         self.sampler = self.reference_cache = None  # RL prompt sampler, reference cache (rank 0, set by the RL start)
+        self.reference = None  # models.reference.ReferenceModel, every rank, when the run needs one
         self.metrics: Optional[MetricsLogger] = None
         self.ckpt = CheckpointManager(self.ckpt_dir, cfg.checkpoint.keep_last, is_writer=self.is_rank0,
                                       barrier=_barrier)
@@ -383,6 +384,8 @@ class TrainingJob:
             mine = shard_indices(len(mini), self.layout.dp_rank, self.layout.dp_size)
             indices = range(mini.start + mine.start, mini.start + mine.stop)
             micro = micro_batches(indices)
+            if self.reference is not None:
+                self.reference.fill_ref_logprobs(micro)  # the k3 KL and kl/reference
             loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0))
             results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn,
                                       self.cfg.optim.clip_grad))
@@ -543,8 +546,13 @@ class TrainingJob:
                 log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))
                 return EXIT_OK
             # The frozen reference (and the policy engine's initial weights) = the starting point of RL.
-            if resumed_step is None or not os.path.isdir(hf_init):
+            from aapo_megatron.models.reference import build_run_reference, check_reference_init
+
+            init_missing = resumed_step is not None and not os.path.isdir(hf_init)
+            check_reference_init(cfg, hf_init, init_missing)  # before the export below would replace it
+            if resumed_step is None or init_missing:
                 self.export_hf(hf_init)  # a fresh run always starts from its own weights, never a stale export
+            self.reference = build_run_reference(cfg, self.spec, self.model, hf_init)
             self._start_components(hf_init)
             start = self.state.step
             if resumed_step is not None or cfg.rollout.placement == "server":

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from aapo_megatron.algorithms.aggregation import GlobalTokenMean
-from aapo_megatron.algorithms.losses import POLICY_LOSSES, PolicyLossInputs
+from aapo_megatron.algorithms.losses import KL_METRIC, POLICY_LOSSES, PolicyLossInputs, k3_kl
 from aapo_megatron.algorithms.step import policy_loss_from_logits
 from aapo_megatron.config import AlgorithmConfig
 from aapo_megatron.trainer.batch import MicroBatch
@@ -44,6 +44,8 @@ def build_loss_fn(loss_name: str, cfg: AlgorithmConfig, track_mismatch: bool = F
         out = policy_loss_from_logits(policy_loss, logits, mb.targets, inputs, _TOKEN_SUM, tp_group=tp_group,
                                       fused=fused)
         metrics = {k: v for k, v in out.metrics.items() if k != "loss"}
+        if mb.ref_logprobs is not None and KL_METRIC not in metrics and out.logp is not None:
+            metrics[KL_METRIC] = (k3_kl(out.logp.float(), mb.ref_logprobs) * mb.loss_mask).sum()  # reference_kl only
         if track_mismatch and mb.rollout_logprobs is not None and getattr(out, "logp", None) is not None:
             metrics.update(mismatch_sums(out.logp, mb.rollout_logprobs, mb.loss_mask))
         return out.loss, metrics

@@ -60,7 +60,7 @@ def test_grpo_clip_by_hand(beta):
     assert out.loss.item() == pytest.approx(total / 3, rel=1e-6)
     assert out.metrics["clip_fraction"].item() == pytest.approx(1 / 3)  # token 0: rho = e^0.5 > 1.28 with A > 0
     if beta:
-        assert "kl" in out.metrics
+        assert "kl/reference" in out.metrics
         with pytest.raises(ValueError, match="grpo_clip with kl_beta > 0 needs ref_logp"):
             build_policy_loss(cfg)(logp, PolicyLossInputs(adv, mask, old_logp=old), GlobalTokenMean(3.0))
 

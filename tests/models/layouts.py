@@ -1,7 +1,8 @@
 """One spawned gloo job per parallel layout (TP=1, TP=2, PP=2) that runs every model check of that layout.
 
 Spawning ranks and importing Megatron + transformers dominates the cost of the distributed model tests,
-so test_gpt.py (forward/backward vs HF) and test_parity.py (logits vs HF) share the job via `run_layout`.
+so test_gpt.py (forward/backward vs HF), test_parity.py (logits vs HF) and test_reference.py (the frozen
+reference model) share the job via `run_layout`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.distributed import run_ranks
+from tests.models.reference_job import reference_checks
 from tests.models.tiny_hf import KINDS, ODD_VOCAB_KIND, gather_vocab, hf_state_dict, padded_batch, pipeline_forward, tiny_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
@@ -32,6 +34,7 @@ def _layout_body(rank: int, world_size: int, tp: int, pp: int) -> dict:
     seed_everything(1234)
     out = {"parity": {kind: _parity_one(kind) for kind in KINDS + (ODD_VOCAB_KIND,)}}
     out["foundation"] = _foundation_one(rank)
+    out["reference"] = reference_checks()  # tests/models/test_reference.py
     teardown_distributed()
     if rank == 0:
         out["foundation"].update(_hf_foundation_reference(out["foundation"].pop("grads")))

@@ -70,8 +70,9 @@ def _weights(run_dir, which):
 @pytest.mark.slow
 def test_aapo_tp2_end_to_end(tmp_path):
     run_dir = str(tmp_path / "tp2")
+    # reference_kl: the frozen Megatron reference at TP=2 for the kl/reference metric alone (kl_beta stays 0).
     code, out = _run(run_dir, nproc=2, extra=["parallel.tensor_model_parallel_size=2", "trainer.steps=3",
-                                               "checkpoint.save_every=3"])
+                                               "checkpoint.save_every=3", "algorithm.reference_kl=true"])
     assert code == 0, out[-4000:]
     records = _rl_records(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -85,6 +86,8 @@ def test_aapo_tp2_end_to_end(tmp_path):
                     "time/rollout", "time/reference", "time/train", "time/sync", "tokens_per_s", "lr"):
             assert key in r, key
     assert any(r["adv/mean_abs_advantage"] > 0 for r in records), "every advantage was zero: nothing to learn"
+    kl = [r["kl/reference"] for r in records]
+    assert kl[0] < 1e-12 and all(k > 0 for k in kl[1:]), kl  # the policy starts at the reference, then leaves it
     start, final = _weights(run_dir, "hf_init"), _weights(run_dir, "hf_final")
     assert max((final[k] - start[k]).abs().max().item() for k in start) > 0, "RL did not change the weights"
     assert CheckpointManager(os.path.join(run_dir, "checkpoints")).latest().step == 3
@@ -134,7 +137,8 @@ def test_kill_sigterm_and_resume_is_exact(tmp_path):
     """A straight run vs. one killed with SIGKILL at its first checkpoint, resumed, stopped with SIGTERM after its
     first step (it saves and exits 3), and resumed again from that checkpoint: the same losses, rewards and weights."""
     total = 5
-    steps = [f"trainer.steps={total}", "checkpoint.save_every=2"]
+    # kl_beta > 0: the frozen Megatron reference (built from hf_init, also after the resume) enters the loss.
+    steps = [f"trainer.steps={total}", "checkpoint.save_every=2", "algorithm.kl_beta=0.05"]
     straight = str(tmp_path / "straight")
     # The straight run samples each step's reference responses in that step; the resumed run prefetches them
     # while the previous step trains. Both must draw the same samples.
@@ -181,8 +185,11 @@ def test_kill_sigterm_and_resume_is_exact(tmp_path):
     # A process's first step had nothing prefetched for it: steps 1, 3 and the one after the SIGTERM.
     assert [r["reference/prefetched"] for r in b] == [int(s not in (1, 3, stopped + 1)) for s in range(1, total + 1)]
     for ra, rb in zip(a, b):
-        for key in ("loss", "reward/mean", "reward/ref_mean", "grad_norm", "response/len_mean"):
+        for key in ("loss", "reward/mean", "reward/ref_mean", "grad_norm", "response/len_mean", "kl/reference"):
             assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    # Step 1 trains the weights the reference holds; later steps have moved away from them (a reference rebuilt
+    # from the resumed policy would read 0 again at step 3, unlike the straight run).
+    assert a[0]["kl/reference"] < 1e-12 and all(r["kl/reference"] > 0 for r in a[1:]), [r["kl/reference"] for r in a]
     wa, wb = _weights(straight, "hf_final"), _weights(resumed, "hf_final")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

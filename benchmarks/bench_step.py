@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_step.py [--steps 6] [--tp 1] [--keep DIR]
     .venv/bin/python benchmarks/bench_step.py --train-phase [--rounds 5] [--set model.scratch.hidden_size=512 ...]
+    .venv/bin/python benchmarks/bench_step.py --train-phase --model .cache/models/smollm2-135m-instruct \
+        --dtypes float32,bfloat16 --variants +fused --rounds 3
 
 Runs the quickstart config (short SFT warm start, then `--steps` AAPO steps) and reports, from the run's
 metrics.jsonl, the median over steps 2.. (step 1 includes engine warm-up) of each phase and its share
@@ -16,6 +18,8 @@ own model and optimizer (same init, same batch) and the variants run interleaved
   packed     several samples per row (trainer.pack_sequences), Megatron's attention, torch's default Adam
   +sdpa      packed, torch SDPA core attention (models/attention.py)
   +fused     packed, SDPA, fused CPU Adam: the trainer's default
+--dtypes runs every variant in each dtype (bfloat16: bf16 weights, fp32 main weights and grads), interleaved
+too; --model DIR takes the architecture and weights from an HF directory instead of model.scratch.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train-phase", action="store_true", help="time the train phase alone, A/B over the optimisations")
     ap.add_argument("--rounds", type=int, default=5, help="--train-phase: interleaved rounds per variant")
     ap.add_argument("--variants", default="padded,balanced,packed,+sdpa,+fused", help="--train-phase: which variants")
+    ap.add_argument("--dtypes", default="float32", help="--train-phase: parameter dtypes, e.g. float32,bfloat16")
+    ap.add_argument("--model", default=None, help="--train-phase: HF directory (default: the config's model.scratch)")
     args = ap.parse_args(argv)
     if args.train_phase:
-        return train_phase(args.overrides, args.rounds, args.variants.split(","))
+        return train_phase(args.overrides, args.rounds, args.variants.split(","), args.dtypes.split(","), args.model)
 
     from aapo_megatron.trainer.metrics import read_metrics
 
@@ -122,7 +128,17 @@ def _synthetic_batch(cfg, vocab: int, seed: int = 0):
     return RolloutBatch(prompts, comps, adv, rollout_logprobs=[[-1.0] * len(c) for c in comps])
 
 
-def train_phase(overrides: list[str], rounds: int, variants: list[str]) -> int:
+def _load_hf_weights(model, spec, model_dir: str) -> None:
+    from aapo_megatron.convert.hf_io import HFCheckpointReader
+    from aapo_megatron.convert.mapping import WeightMapping
+    from aapo_megatron.models.weights import load_hf_weights, model_naming
+
+    reader = HFCheckpointReader(model_dir)
+    load_hf_weights(model, WeightMapping(spec, naming=model_naming(model)), lambda name: reader.load([name])[name])
+
+
+def train_phase(overrides: list[str], rounds: int, variants: list[str], dtypes: tuple[str, ...] = ("float32",),
+                model_dir: str | None = None) -> int:
     """Interleaved A/B of the train-phase optimisations (see the module docstring); prints medians and ratios."""
     import time
 
@@ -141,10 +157,15 @@ def train_phase(overrides: list[str], rounds: int, variants: list[str]) -> int:
     if unknown:
         print(f"unknown variants {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
         return 2
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if bad or (model_dir is not None and not os.path.isfile(os.path.join(model_dir, "config.json"))):
+        print(f"--dtypes takes float32,bfloat16 (got {bad})" if bad else f"--model {model_dir}: no config.json there",
+              file=sys.stderr)
+        return 2
     cfg = load_config(os.path.join(ROOT, "configs", "quickstart_cpu.yaml"), overrides)
     init_distributed(cfg)
-    vocab = cfg.model.scratch.vocab_size
-    spec = ArchSpec.from_scratch(cfg.model.scratch)
+    spec = ArchSpec.from_hf_dir(model_dir) if model_dir else ArchSpec.from_scratch(cfg.model.scratch)
+    vocab = spec.vocab_size
     batch = _synthetic_batch(cfg, vocab)
     budget = cfg.trainer.micro_batch_tokens
     loss_fn = build_loss_fn("aapo_ce", cfg.algorithm, track_mismatch=True, on_policy=True)
@@ -153,12 +174,16 @@ def train_phase(overrides: list[str], rounds: int, variants: list[str]) -> int:
     print(f"model H={spec.hidden_size} L={spec.num_layers}, {n} samples, {real} real tokens, "
           f"micro_batch_tokens={budget}, torch threads {torch.get_num_threads()}")
     setups = {}
-    for v in variants:
+    runs = [(v, d) for v in variants for d in dtypes]
+    names = {(v, d): v if len(dtypes) == 1 else f"{v} {d}" for v, d in runs}
+    for v, dtype in runs:
         layout, sdpa, fused = VARIANTS[v]
         seed_everything(cfg.trainer.seed)
-        model = build_policy(spec, dtype="float32", sdpa_attention=sdpa)
+        model = build_policy(spec, dtype=dtype, sdpa_attention=sdpa)
+        if model_dir:
+            _load_hf_weights(model, spec, model_dir)
         chunks = wrap_ddp([model], use_distributed_optimizer=False)
-        opt = build_optimizer(chunks, cfg.optim, bf16=False, use_distributed_optimizer=False)
+        opt = build_optimizer(chunks, cfg.optim, bf16=dtype == "bfloat16", use_distributed_optimizer=False)
         if not fused:
             for group in (g for o in torch_optimizers(opt) for g in o.param_groups):
                 group["fused"] = None
@@ -168,10 +193,12 @@ def train_phase(overrides: list[str], rounds: int, variants: list[str]) -> int:
         else:
             micro = micro_batcher(batch, budget, pack=layout == "packed", pack_factor=cfg.trainer.pack_factor)(range(n))
         computed = sum(m.tokens.numel() for m in micro)
-        print(f"  {v:<9} {len(micro)} micro-batches of {tuple(micro[0].tokens.shape)}, {computed} tokens computed "
+        v = names[(v, dtype)]
+        print(f"  {v:<18} {len(micro)} micro-batches of {tuple(micro[0].tokens.shape)}, {computed} tokens computed "
               f"({computed / real:.2f}x the real ones)")
         setups[v] = (chunks, opt, build_scheduler(opt, cfg.optim, 10 * (rounds + 1)), micro)
         run_update(chunks, opt, setups[v][2], micro, loss_fn, cfg.optim.clip_grad)  # warm-up
+    variants = [names[r] for r in runs]
     times = {v: [] for v in variants}
     losses = {v: [] for v in variants}
     load = [os.getloadavg()[0]]
@@ -185,10 +212,10 @@ def train_phase(overrides: list[str], rounds: int, variants: list[str]) -> int:
         load.append(os.getloadavg()[0])
     ref = statistics.median(times[variants[0]])
     print(f"\ntrain phase (one update), {rounds} interleaved rounds, load average {min(load):.1f}-{max(load):.1f}")
-    print(f"{'variant':<10}{'median s':>10}{'min s':>9}{'vs ' + variants[0]:>12}   loss of rounds 1-3")
+    print(f"{'variant':<19}{'median s':>10}{'min s':>9}{'vs ' + variants[0]:>24}   loss of rounds 1-3")
     for v in variants:
         med = statistics.median(times[v])
-        print(f"{v:<10}{med:>10.3f}{min(times[v]):>9.3f}{med / ref:>12.2f}   "
+        print(f"{v:<19}{med:>10.3f}{min(times[v]):>9.3f}{med / ref:>24.2f}   "
               + " ".join(f"{x:.6f}" for x in losses[v][:3]))
     return 0
 

@@ -2,9 +2,11 @@
 
     aapo-convert hf-to-mcore --hf-dir /ckpt/Qwen2.5-7B --out /ckpt/qwen-mcore [--dtype bfloat16] [--workers 4] [--force]
     aapo-convert mcore-to-hf --ckpt /ckpt/qwen-mcore --out /ckpt/qwen-hf [--hf-config config.json] [--force]
+    aapo-convert gguf-to-hf --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out /ckpt/smollm2-hf [--dtype float32] [--force]
 
 Errors (unsupported architecture, missing/mismatched tensor, corrupt shard, existing
 output) are printed as one line naming the culprit, exit code 1; nothing is left at --out.
+gguf-to-hf exits 2 for a missing/unreadable GGUF or an unsupported architecture (checked before any work).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aapo_megatron.convert.hf_to_mcore import DTYPES
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with the two sub-commands."""
     parser = argparse.ArgumentParser(prog="aapo-convert", description="Convert checkpoints between HF and Megatron.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-mcore,mcore-to-hf}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-mcore,mcore-to-hf,gguf-to-hf}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -41,12 +43,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="HF config.json describing the model (default: the one stored in the checkpoint)")
     m2h.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     common(m2h)
+
+    g2h = sub.add_parser("gguf-to-hf", help="GGUF file (Llama or Qwen2, any quantization) -> HF safetensors directory")
+    g2h.add_argument("--gguf", required=True, help="the .gguf file (dequantized by transformers' GGUF loader)")
+    g2h.add_argument("--out", required=True, help="output directory (written atomically)")
+    g2h.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="dtype of the output weights (default bfloat16)")
+    g2h.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
+
+
+def _gguf_to_hf(args: argparse.Namespace) -> int:
+    from aapo_megatron.convert.errors import ConversionError
+    from aapo_megatron.convert.gguf_to_hf import GGUFInputError, check_gguf_input, convert_gguf_to_hf
+
+    try:
+        check_gguf_input(args.gguf)
+    except GGUFInputError as exc:
+        print(f"aapo-convert: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = convert_gguf_to_hf(args.gguf, args.out, dtype=args.dtype, force=args.force)
+    except ConversionError as exc:
+        print(f"aapo-convert: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"aapo-convert: wrote HF checkpoint ({result.architecture}) to {result.out_dir} ({result.num_tensors} "
+          f"tensors, {result.bytes_written / 2**20:.1f} MiB, {result.seconds:.1f} s)")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run aapo-convert with `argv` (default sys.argv[1:]); returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "gguf-to-hf":
+        return _gguf_to_hf(args)
     from aapo_megatron.convert.errors import ConversionError
     from aapo_megatron.convert.mapping import MappingError
     from aapo_megatron.models.arch import UnsupportedArchitectureError

@@ -102,6 +102,55 @@ def test_clip_grad_by_total_norm_cpu():
     assert torch.allclose(params[1].grad, torch.tensor([0.0, 0.8]), atol=1e-6)
 
 
+def test_cpu_tensors_report_cuda_type_only_inside_the_block():
+    bf16, fp32, idx = torch.zeros(2, dtype=torch.bfloat16), torch.nn.Parameter(torch.zeros(2)), torch.zeros(2, dtype=torch.long)
+    with shims.cpu_tensors_report_cuda_type():
+        assert bf16.type() == "torch.cuda.BFloat16Tensor" and fp32.type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1, dtype=torch.float16).type() == "torch.cuda.HalfTensor"
+        assert idx.type() == "torch.LongTensor"  # other dtypes unchanged
+        assert bf16.type(torch.float32).dtype == torch.float32  # a conversion still converts (on the CPU)
+    assert bf16.type() == "torch.BFloat16Tensor" and fp32.type() == "torch.FloatTensor"
+    assert "type" not in torch.Tensor.__dict__  # torch's own method is back
+
+
+def test_float16_optimizer_wraps_bf16_cpu_params_with_fp32_main_params():
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    assert hasattr(Float16OptimizerWithFloat16Params.__init__, "cpu_shim_of")
+    weight = torch.nn.Parameter(torch.full((3,), 1.0, dtype=torch.bfloat16))
+    norm = torch.nn.Parameter(torch.ones(2))  # fp32 params stay as they are
+    opt = Float16OptimizerWithFloat16Params(torch.optim.SGD([weight, norm], lr=1.0), OptimizerConfig(bf16=True, lr=1.0),
+                                            None, lambda *a: None)
+    assert opt.float16_groups == [[weight]] and opt.fp32_from_fp32_groups == [[norm]]
+    (main,) = opt.fp32_from_float16_groups[0]
+    assert main.dtype == torch.float32 and weight.main_param is main
+    weight.main_grad, norm.main_grad = torch.full((3,), 1e-3), torch.zeros(2)  # fp32 grads (DDP's buffer)
+    opt.prepare_grads()
+    opt.step_with_ready_grads()
+    assert torch.allclose(main, torch.full((3,), 0.999))  # the fp32 main weight keeps a step below bf16's resolution
+    assert torch.equal(weight.data, main.to(torch.bfloat16))
+    assert torch.equal(weight.data, torch.ones(3, dtype=torch.bfloat16))  # 0.999 rounds back to 1.0 in bf16
+
+
+def test_float16_optimizer_shim_is_version_guarded(monkeypatch, caplog):
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    assert shims.megatron_core_version().startswith(shims.FLOAT16_OPTIMIZER_SHIM_VERSIONS)
+    installed = Float16OptimizerWithFloat16Params.__init__
+    monkeypatch.setattr(Float16OptimizerWithFloat16Params, "__init__", installed.cpu_shim_of)
+    monkeypatch.setattr(shims, "megatron_core_version", lambda: "0.99.0")
+    with caplog.at_level("WARNING", logger=shims.__name__):
+        shims._install_float16_optimizer_shim()
+    assert not hasattr(Float16OptimizerWithFloat16Params.__init__, "cpu_shim_of")  # unknown version: left alone
+    assert "0.99.0" in caplog.text
+    monkeypatch.setattr(shims, "megatron_core_version", lambda: "0.16.1")
+    shims._install_float16_optimizer_shim()
+    assert Float16OptimizerWithFloat16Params.__init__.cpu_shim_of is installed.cpu_shim_of
+    shims._install_float16_optimizer_shim()  # idempotent: never wrapped twice
+    assert Float16OptimizerWithFloat16Params.__init__.cpu_shim_of is installed.cpu_shim_of
+
+
 # --------------------------------------------------------------------------- optimizer step over gloo
 
 LR, CLIP = 0.5, 1e-2

@@ -14,6 +14,8 @@ Nothing here changes numerics: tensors simply stay on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -174,6 +176,67 @@ def clip_grad_by_total_norm_fp32_cpu(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+# --------------------------------------------------------------------------- bf16 mixed-precision optimizer
+
+# Megatron-Core versions whose Float16OptimizerWithFloat16Params.__init__ was read for the shim below
+# (megatron/core/optimizer/optimizer.py, 0.16.1): the only CUDA-only check on its path is `param.type()`.
+FLOAT16_OPTIMIZER_SHIM_VERSIONS: tuple[str, ...] = ("0.16.",)
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def cpu_tensors_report_cuda_type():
+    """Within the block, `Tensor.type()` (no arguments) of a CPU fp32/fp16/bf16 tensor returns its torch.cuda name."""
+    own = torch.Tensor.__dict__.get("type")  # None: `type` is inherited from torch._C.TensorBase
+    original = torch.Tensor.type
+
+    def cuda_named_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = cuda_named_type
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.Tensor.type
+        else:
+            torch.Tensor.type = own
+
+
+def _cpu_float16_optimizer_init(init: Callable) -> Callable:
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with cpu_tensors_report_cuda_type():
+            init(self, *args, **kwargs)
+
+    __init__.cpu_shim_of = init
+    return __init__
+
+
+def megatron_core_version() -> str:
+    """The installed megatron-core version string (e.g. "0.16.1")."""
+    return importlib.import_module("megatron.core").__version__
+
+
+def _install_float16_optimizer_shim() -> None:
+    """Float16OptimizerWithFloat16Params (bf16 params, fp32 main params) on CPU tensors; see install_cpu_shims."""
+    version = megatron_core_version()
+    if not version.startswith(FLOAT16_OPTIMIZER_SHIM_VERSIONS):
+        logger.warning("megatron-core %s: the bf16 optimizer CPU shim was checked against %s only; not installed",
+                       version, ", ".join(FLOAT16_OPTIMIZER_SHIM_VERSIONS))
+        return
+    cls = importlib.import_module("megatron.core.optimizer.optimizer").Float16OptimizerWithFloat16Params
+    if not hasattr(cls.__init__, "cpu_shim_of"):
+        cls.__init__ = _cpu_float16_optimizer_init(cls.__init__)
+
+
 # --------------------------------------------------------------------------- install
 
 
@@ -223,6 +286,15 @@ def install_cpu_shims(force: bool = False) -> bool:
     opt_mod = importlib.import_module("megatron.core.optimizer.optimizer")
     clip_mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32_cpu
     opt_mod.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32_cpu
+
+    # Float16OptimizerWithFloat16Params.__init__ (bf16/fp16 params with fp32 main params) sorts parameters by
+    # `param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']` / `== 'torch.cuda.FloatTensor'`
+    # and raises "Wrapped parameters must be one of torch.cuda.FloatTensor, ..." for CPU tensors. During that
+    # constructor only, CPU float tensors report their torch.cuda type name. The rest of its path is CPU-safe:
+    # `_scale_one` goes through the torch proxy, bf16 copies main->model with a plain loop (no multi-tensor
+    # kernel), and there is no grad scaler for bf16 without a loss scale. (DistributedOptimizer has the same
+    # check and more; it stays GPU-only.) Version-guarded: FLOAT16_OPTIMIZER_SHIM_VERSIONS.
+    _install_float16_optimizer_shim()
 
     _INSTALLED = True
     logger.info("installed Megatron-Core CPU shims (no CUDA device)")

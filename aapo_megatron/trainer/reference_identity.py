@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def reference_sha256(hf_dir: str) -> str:
-    """Hex sha256 over every tensor of an HF directory's safetensors files: name, dtype, shape and bytes, in name order."""
+    """Hex sha256 over every tensor in an HF directory's safetensors: name, dtype, shape and bytes, by name."""
     import torch
     from safetensors import safe_open
 

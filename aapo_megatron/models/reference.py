@@ -159,17 +159,6 @@ def needs_reference(cfg) -> bool:
     return cfg.algorithm.name != "sft" and (cfg.algorithm.kl_beta > 0 or cfg.algorithm.reference_kl)
 
 
-def check_reference_init(cfg, hf_init: str, init_missing: bool) -> None:
-    """Raise CheckpointError when a resumed run that needs the reference lost `hf_init` (its starting weights):
-    re-exporting it from the resumed policy would give a wrong reference."""
-    if init_missing and needs_reference(cfg):
-        from aapo_megatron.trainer.checkpoint import CheckpointError
-
-        raise CheckpointError(f"the reference model is built from {hf_init}, the policy's weights at the start of "
-                              f"RL, and the resumed run has none: restore that directory into the run directory "
-                              f"(or set algorithm.kl_beta=0 and algorithm.reference_kl=false)")
-
-
 def build_run_reference(cfg, spec: ArchSpec, policy: torch.nn.Module, hf_init: str) -> Optional[ReferenceModel]:
     """The run's reference from `hf_init` (the policy's weights at RL start), or None when the run needs none."""
     if not needs_reference(cfg):

@@ -26,15 +26,15 @@ import torch
 import torch.distributed as dist
 
 from aapo_megatron.config import Config, ConfigError, dump_yaml
-from aapo_megatron.trainer import timeshare
+from aapo_megatron.trainer import reference_identity, timeshare
 from aapo_megatron.trainer.batch import RolloutBatch, shard_indices
-from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager
+from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from aapo_megatron.trainer.metrics import MetricsLogger, summary_table, write_plots
 from aapo_megatron.trainer.signals import StopRequest
 
 log = logging.getLogger("aapo_megatron.trainer")
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_SAVE_FAILED = 0, 1, 2, 3, 4
 HF_INIT_DIR = "hf_init"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_SHARD_BYTES = 2 * 1024**3  # HF export shard size
@@ -68,6 +68,8 @@ class LoopState:
     """SFT sampler state."""
     reference_cache: Optional[dict] = None
     """Cached reference rollouts (reference_rollouts=cached)."""
+    reference_sha256: Optional[str] = None
+    """Identity of the frozen reference, `hf_init` (trainer.reference_identity), checked on resume."""
 
 
 def _rank() -> int:
@@ -528,8 +530,9 @@ class TrainingJob:
             self.tokenizer = self._tokenizer()
             self._build_models()
             hf_init = os.path.join(self.run_dir, HF_INIT_DIR)
-            resumed_step = None
+            resumed_step, rebuilt = None, False
             if self.cfg.checkpoint.resume is not None:
+                rebuilt = reference_identity.rebuild_if_missing(self, hf_init)  # while the weights are initial
                 self._build_optimizer(total_updates=self._rl_total_updates())
                 resumed_step = self._resume()
             in_sft = resumed_step == 0  # resumed from a checkpoint of the SFT warm start (RL checkpoints are >= 1)
@@ -546,12 +549,11 @@ class TrainingJob:
                 log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))
                 return EXIT_OK
             # The frozen reference (and the policy engine's initial weights) = the starting point of RL.
-            from aapo_megatron.models.reference import build_run_reference, check_reference_init
+            from aapo_megatron.models.reference import build_run_reference
 
-            init_missing = resumed_step is not None and not os.path.isdir(hf_init)
-            check_reference_init(cfg, hf_init, init_missing)  # before the export below would replace it
-            if resumed_step is None or init_missing:
+            if resumed_step is None:
                 self.export_hf(hf_init)  # a fresh run always starts from its own weights, never a stale export
+            reference_identity.settle(self, hf_init, resumed_step, rebuilt)  # never the resumed policy
             self.reference = build_run_reference(cfg, self.spec, self.model, hf_init)
             self._start_components(hf_init)
             start = self.state.step
@@ -729,6 +731,9 @@ def run_training(cfg: Config) -> int:
     except ConfigError as exc:
         print(f"aapo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except CheckpointSaveError as exc:
+        print(f"aapo-train: {exc}", file=sys.stderr)
+        return EXIT_SAVE_FAILED
     except (TrainingError, CheckpointError) as exc:
         print(f"aapo-train: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -79,3 +79,34 @@ def test_unreadable_manifest(tmp_path):
     (tmp_path / "step_00000001" / "MANIFEST.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable MANIFEST.json"):
         verify(str(tmp_path / "step_00000001"))
+
+
+def test_same_size_corruption_falls_back_with_a_warning(tmp_path, caplog):
+    mgr = CheckpointManager(str(tmp_path), keep_last=3)
+    mgr.save(10, _payload(10))
+    mgr.save(20, _payload(20))
+    newest = tmp_path / "step_00000020"
+    shard = newest / "model" / "weights.bin"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size
+    shard.write_bytes(bytes(data))
+    assert verify(str(newest), checksums=False).step == 20  # sizes alone cannot see it
+    with pytest.raises(CheckpointError, match=r"model/weights.bin does not match its sha256 in MANIFEST.json"):
+        verify(str(newest))
+    with caplog.at_level("WARNING"):
+        assert mgr.resolve("auto").step == 10
+    assert "skipping checkpoint" in caplog.text and "does not match its sha256" in caplog.text
+
+
+def test_manifest_lists_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+    import json
+
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(3, _payload(3))
+    d = tmp_path / "step_00000003"
+    files = json.loads((d / "MANIFEST.json").read_text())["files"]
+    assert sorted(files) == ["model/weights.bin", "trainer_state.json"]
+    for rel, entry in files.items():
+        body = (d / rel).read_bytes()
+        assert entry == {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}

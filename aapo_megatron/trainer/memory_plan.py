@@ -6,6 +6,7 @@ For each pipeline stage it counts, on one device of that stage:
 - activations kept for backward, times the micro-batches the 1F1B schedule keeps in flight on that stage
   (min(PP - stage, micro-batches)), with sequence parallel and activation recompute;
 - the logits (the fused log-prob op keeps them and computes their gradient in place);
+- the frozen Megatron reference model's weights, when the run builds one (none when offloaded to the host);
 - colocated vLLM engines: each takes `rollout.memory_fraction` of the device (vLLM's budget for its
   weights and KV cache); on GPU they sleep while Megatron trains, so the device is planned twice: training
   (engines asleep) and generation (engines awake, Megatron's weights, gradients and optimizer resident);
@@ -206,6 +207,7 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
         else:
             capacity = int(cfg.plan.device_memory_gb * GIB)
     from aapo_megatron.models.gpt import resolve_dtype
+    from aapo_megatron.models.reference import needs_reference
 
     dtype = resolve_dtype(cfg.model.dtype)
     pbytes = torch.finfo(dtype).bits // 8
@@ -233,6 +235,11 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
         ]
         if logits:
             items.append(PlanItem("logits + log-prob buffers", logits, "[T, V/tp], gradient in place"))
+        if needs_reference(cfg):
+            offloaded = cuda and cfg.trainer.offload_reference
+            items.append(PlanItem("Megatron reference model", 0 if offloaded else n * pbytes,
+                                  "in host memory between forwards (trainer.offload_reference)" if offloaded
+                                  else "frozen copy of the weights (kl_beta > 0 or reference_kl)"))
         if engines and stage == 0:
             share = int(engines * cfg.rollout.memory_fraction * capacity)
             items.append(PlanItem(f"vLLM engines x{engines} (colocated)", 0 if sleeping else share,

@@ -231,11 +231,72 @@ def bench_close(args, workdir: str) -> dict:
             for v, r in runs.items()}
 
 
+def vllm_child_cpu_seconds() -> float:
+    """User + system CPU time of this process's vLLM engine-core and worker descendants, seconds (from /proc)."""
+    stats = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()  # fields[1] = ppid, [11], [12] = utime, stime
+        except OSError:
+            continue
+        stats[int(pid)] = (int(fields[1]), cmd.startswith(b"VLLM::"), int(fields[11]) + int(fields[12]))
+
+    def ours(pid: int) -> bool:
+        while pid in stats and pid > 1:
+            if stats[pid][0] == os.getpid():
+                return True
+            pid = stats[pid][0]
+        return False
+
+    ticks = sum(t for pid, (_, vllm, t) in stats.items() if vllm and ours(pid))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def bench_idle_spin(args, workdir: str) -> dict:
+    """CPU seconds vLLM's processes burn in the second after a generate call: the plugin's spin cap vs vLLM's 1 s."""
+    from aapo_megatron.rollout.engine import SamplingSpec
+    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
+    from aapo_megatron.rollout.vllm_plugin import SPIN_ENV
+
+    path = os.path.join(workdir, "spin_model")
+    make_llama(path, 256, 2, 32000, 1024, 4)
+    saved = os.environ.get(SPIN_ENV)
+    out = {}
+    try:
+        for name, value in (("capped", None), ("vllm_default", "1.0")):
+            if value is None:
+                os.environ.pop(SPIN_ENV, None)
+            else:
+                os.environ[SPIN_ENV] = value  # the engine's processes read it when they start
+            engine = VLLMRolloutEngine(path, dtype="float32", kv_cache_bytes=64 << 20, max_model_len=256,
+                                       cpu_threads_bind=args.threads_bind)
+            burned = []
+            try:
+                for _ in range(args.repeats):
+                    engine.generate([[5, 6, 7]] * 4, SamplingSpec(n=4, max_tokens=16, seed=1))
+                    c0 = vllm_child_cpu_seconds()
+                    time.sleep(1.0)
+                    burned.append(vllm_child_cpu_seconds() - c0)
+            finally:
+                engine.close()
+            out[name] = {"cpu_s_per_idle_s": burned, "min": min(burned)}
+    finally:
+        if saved is None:
+            os.environ.pop(SPIN_ENV, None)
+        else:
+            os.environ[SPIN_ENV] = saved
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--skip-close", action="store_true")
+    p.add_argument("--skip-idle-spin", action="store_true")
     p.add_argument("--close-repeats", type=int, default=2, help="engines started and closed per variant")
     p.add_argument("--gen-hidden", type=int, default=768)
     p.add_argument("--gen-layers", type=int, default=8)
@@ -294,6 +355,14 @@ def main(argv=None) -> int:
             print(f"  vLLM's own reload_weights from a ready /dev/shm file: "
                   f"{s['vllm_native_reload_s']:.3f} s = {s['vllm_native_reload_s'] / s['shm_write_s']:.2f}x the write")
             print(f"  stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in s["stage_seconds"].items()))
+        if not args.skip_idle_spin:
+            sp = bench_idle_spin(args, workdir)
+            results["idle_spin"] = sp
+            print("\n== idle spin: CPU-s of vLLM's processes in the 1 s after a generate call (min of "
+                  f"{args.repeats})")
+            print(f"  plugin cap (AAPO_VLLM_IDLE_SPIN_S default) {sp['capped']['min']:.3f}   "
+                  f"vLLM's 1 s spin {sp['vllm_default']['min']:.3f}   "
+                  f"ratio {sp['capped']['min'] / max(sp['vllm_default']['min'], 1e-9):.2f}x  (target < 0.2 CPU-s)")
         if not args.skip_close:
             c = bench_close(args, workdir)
             results["close"] = c

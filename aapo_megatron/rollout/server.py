@@ -13,12 +13,13 @@ Binds 127.0.0.1 unless --host says otherwise; any other address needs a token (e
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
 import sys
 from typing import Optional
+
+from aapo_megatron.rollout.transport.registry import is_loopback
 
 log = logging.getLogger("aapo.rollout.server")
 
@@ -65,16 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU hosts: cores for the engine's threads, as VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3); default all "
                         "of this process's cores. Give two servers on one host disjoint lists")
     return p
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_args(args: argparse.Namespace, token: Optional[str]) -> Optional[str]:

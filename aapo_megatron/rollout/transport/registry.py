@@ -33,17 +33,21 @@ SAME_HOST = ("shm", "ipc")
 KEY = "rollout.weight_transport"
 
 
-def is_loopback_url(url: Optional[str]) -> bool:
-    """Whether a server URL names this host (localhost or a loopback address); None counts as this host."""
-    if not url:
-        return True
-    host = urlsplit(url if "//" in url else "//" + url).hostname or ""
+def is_loopback(host: str) -> bool:
+    """True for addresses only this host can reach (127.0.0.0/8, ::1, localhost)."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_url(url: Optional[str]) -> bool:
+    """Whether a server URL names this host (localhost or a loopback address); None counts as this host."""
+    if not url:
+        return True
+    return is_loopback(urlsplit(url if "//" in url else "//" + url).hostname or "")
 
 
 def resolve_transport(requested: str, *, placement: str, cuda: bool, same_host: bool = True) -> str:

@@ -19,7 +19,7 @@ over the micro-batches.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -39,8 +39,6 @@ class RolloutBatch:
     """Per completion token, log-prob under the rollout engine at sampling time."""
     ref_logprobs: Optional[list[list[float]]] = None
     """Per completion token, log-prob under the reference model (KL penalty)."""
-    extras: dict = field(default_factory=dict)
-    """Anything else to carry along (rewards, prompt ids) for metrics."""
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)

@@ -1,7 +1,11 @@
-"""Rank 0's half of an RL step: sample policy and reference responses, score them, compute advantages.
+"""Rank 0's half of an RL step, in three phases: sample policy and reference responses, score them, compute
+the advantages.
 
-The result is a `RolloutBatch` (token ids + one advantage per sample) that the
-learner ranks train on, plus the step's rollout metrics.
+    rollouts = collector.generate(prompts, step, metrics)      # B*G policy (+ reference) completions
+    scored = collector.score(rollouts, metrics)                # the reward pool's per-function rewards
+    batch = collector.advantages(rollouts, scored, metrics)    # RolloutBatch: token ids + one advantage each
+
+The `RolloutBatch` is what the learner ranks train on; `metrics` collects the step's rollout metrics.
 """
 
 from __future__ import annotations
@@ -9,24 +13,22 @@ from __future__ import annotations
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
+from aapo_megatron.algorithms.advantages import build_advantage_estimator
 from aapo_megatron.config import Config
+from aapo_megatron.eval.runner import held_out_metrics
+from aapo_megatron.rewards.correctness import correctness_column
+from aapo_megatron.rollout.completions import completion_texts, flatten
 from aapo_megatron.rollout.engine import Completion, RolloutEngine, SamplingSpec
 from aapo_megatron.trainer.batch import RolloutBatch
+from aapo_megatron.trainer.errors import EngineFailure
 
 # Each step's sampling seed is derived from (rollout.seed, step, role), so a resumed run draws the same samples.
 _POLICY_STREAM, _REFERENCE_STREAM, _EVAL_STREAM = 0, 1, 2
-
-
-class EngineFailure(RuntimeError):
-    """A rollout engine failed while generating (its process died or it refused the request)."""
-
-    def __init__(self, role: str, cause: BaseException):
-        super().__init__(f"{role} rollout engine failed: {type(cause).__name__}: {cause}")
-        self.role = role
 
 
 def _generate(engine: RolloutEngine, role: str, prompts, spec: SamplingSpec):
@@ -58,24 +60,6 @@ def sampling_spec(cfg: Config, seed: int, n: Optional[int] = None, greedy: bool 
     )
 
 
-def flatten(groups: list[list[Completion]]) -> list[Completion]:
-    """[B][G] -> [B*G] in group-major order."""
-    return [c for group in groups for c in group]
-
-
-def completion_texts(tokenizer: Any, completions: Sequence[Completion]) -> list[str]:
-    """Decoded completion strings (special tokens dropped)."""
-    return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-
-
-def correctness_column(names: Sequence[str]) -> Optional[int]:
-    """Index of the reward function that measures correctness (accuracy or reasoning_gym), if configured."""
-    for preferred in ("accuracy", "reasoning_gym"):
-        if preferred in names:
-            return list(names).index(preferred)
-    return None
-
-
 class RolloutCollector:
     """Generates, scores and builds the advantages for one batch of prompts (rank 0 only)."""
 
@@ -88,8 +72,6 @@ class RolloutCollector:
         self.reward_pool = reward_pool
         self.eos = eos_token_id
         self.reference_cache = reference_cache
-        from aapo_megatron.algorithms.advantages import build_advantage_estimator
-
         self.estimator = build_advantage_estimator(cfg.algorithm)
         self._prefetch: Optional[tuple[int, list[str], futures.Future]] = None  # (step, prompt keys, job)
 
@@ -147,11 +129,9 @@ class RolloutCollector:
         futures.wait([job])  # made for other prompts (cannot happen in the loop's order): finish and drop it
         return None
 
-    def collect(self, prompts: Sequence[Any], step: int) -> tuple[RolloutBatch, dict[str, float]]:
-        """Rollouts, rewards and advantages for `prompts` (B Prompt objects) at RL step `step`."""
+    def generate(self, prompts: Sequence[Any], step: int, metrics: dict[str, float]) -> "Rollouts":
+        """Policy (and reference) completions for `prompts` (B Prompt objects) at RL step `step`."""
         cfg = self.cfg
-        G = cfg.rollout.num_generations
-        metrics: dict[str, float] = {}
         t0 = time.perf_counter()
         spec = sampling_spec(cfg, step_seed(cfg.rollout.seed, step, _POLICY_STREAM), stop_token_ids=[self.eos])
         needs_reference = self.estimator.uses_reference
@@ -170,7 +150,6 @@ class RolloutCollector:
             raise
         metrics["time/rollout"] = time.perf_counter() - t0
         metrics["rollout/weight_version"] = float(policy_out.weight_version)
-        policy = flatten(policy_out.completions)  # [B*G]
         reference: list[Completion] = []
         if needs_reference:
             t_wait = time.perf_counter()
@@ -179,21 +158,27 @@ class RolloutCollector:
                 metrics["time/reference_wait"] = time.perf_counter() - t_wait
             metrics.update(ref_timings)
             reference = flatten(ref_groups)
-        metrics["time/generate"] = time.perf_counter() - t0  # the generation phase's wall time, both engines
+        return Rollouts(list(prompts), flatten(policy_out.completions), reference)
 
-        samples = [p.reward_sample() for p in prompts for _ in range(G)]
-        t0 = time.perf_counter()
+    def score(self, rollouts: "Rollouts", metrics: dict[str, float]) -> Any:
+        """The reward pool's scores of the policy completions, then the reference ones (`rewards.pool.Scored`)."""
+        G = self.cfg.rollout.num_generations
+        policy, reference = rollouts.policy, rollouts.reference
+        samples = [p.reward_sample() for p in rollouts.prompts for _ in range(G)]
         texts = completion_texts(self.tokenizer, policy + reference)
         scored = self.reward_pool.score(texts, samples + samples[: len(reference)],
                                         num_tokens=[len(c.token_ids) for c in policy + reference])
-        metrics["time/reward"] = time.perf_counter() - t0
-        n = len(policy)
-        rewards, ref_rewards = scored.rewards[:n], (scored.rewards[n:] if reference else None)
-        t0 = time.perf_counter()
-        adv = self.estimator(rewards, G, weights=scored.weights, ref_rewards=ref_rewards)
-        metrics["time/advantage"] = time.perf_counter() - t0
-        metrics.update({f"adv/{k}": v for k, v in adv.metrics().items()})
         metrics.update({k: v for k, v in scored.metrics("reward/").items() if not k.endswith("samples_per_s")})
+        return scored
+
+    def advantages(self, rollouts: "Rollouts", scored: Any, metrics: dict[str, float]) -> RolloutBatch:
+        """The advantage estimator over the scores, and the RolloutBatch the learners train on."""
+        G = self.cfg.rollout.num_generations
+        policy, prompts = rollouts.policy, rollouts.prompts
+        n = len(policy)
+        rewards, ref_rewards = scored.rewards[:n], (scored.rewards[n:] if rollouts.reference else None)
+        adv = self.estimator(rewards, G, weights=scored.weights, ref_rewards=ref_rewards)
+        metrics.update({f"adv/{k}": v for k, v in adv.metrics().items()})
         metrics["reward/mean"] = float(adv.grouped.rewards.float().mean())
         if ref_rewards is not None:
             metrics["reward/ref_mean"] = float(adv.grouped.ref_rewards.float().mean())
@@ -205,15 +190,26 @@ class RolloutCollector:
         metrics["response/len_max"] = float(lengths.max())
         metrics["response/truncated_frac"] = float(sum(c.finish_reason == "length" for c in policy) / n)
         metrics["rollout/tokens"] = float(lengths.sum())
-
-        batch = RolloutBatch(
+        completions = [truncate_at_eos(c.token_ids, self.eos) for c in policy]
+        return RolloutBatch(
             prompt_ids=[list(p.input_ids) for p in prompts for _ in range(G)],
-            completion_ids=[truncate_at_eos(c.token_ids, self.eos) for c in policy],
+            completion_ids=completions,
             advantages=adv.advantages.float(),
-            rollout_logprobs=[c.logprobs[: len(truncate_at_eos(c.token_ids, self.eos))] for c in policy]
+            rollout_logprobs=[c.logprobs[: len(ids)] for c, ids in zip(policy, completions)]
             if all(c.logprobs is not None for c in policy) else None,
         )
-        return batch, metrics
+
+
+@dataclass
+class Rollouts:
+    """One step's samples on rank 0, group-major: B prompts, B*G policy and 0 or B*G reference completions."""
+
+    prompts: list
+    """The step's Prompt objects."""
+    policy: list[Completion]
+    """Policy completions, [B*G]."""
+    reference: list[Completion]
+    """Reference completions paired by index with `policy` (empty when the estimator needs none)."""
 
 
 def in_background(fn: Any, *args: Any) -> futures.Future:
@@ -231,7 +227,7 @@ def in_background(fn: Any, *args: Any) -> futures.Future:
 
 
 def truncate_at_eos(token_ids: Sequence[int], eos: int) -> list[int]:
-    """Tokens up to and including the first EOS (the completion mask of DESIGN.md section 1)."""
+    """Tokens up to and including the first EOS (the completion mask)."""
     ids = list(token_ids)
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
@@ -244,8 +240,6 @@ def prompt_key(prompt: Any) -> str:
 def evaluate(engine: RolloutEngine, tokenizer: Any, prompts: Sequence[Any], reward_pool: Any, cfg: Config,
              eos_token_id: int) -> dict[str, float]:
     """Greedy decoding on held-out prompts with aapo-eval's code; accuracy = mean correctness reward (1.0 = correct)."""
-    from aapo_megatron.eval.runner import held_out_metrics
-
     spec = sampling_spec(cfg, seed=0, greedy=True, stop_token_ids=[eos_token_id])
     return held_out_metrics(engine, tokenizer, prompts, reward_pool, spec,
                             generate=lambda ids, s: _generate(engine, "policy", ids, s))

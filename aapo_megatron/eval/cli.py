@@ -19,11 +19,11 @@ import sys
 import time
 from typing import Any, Optional
 
+from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK
 from aapo_megatron.eval.config import EvalConfig, load_eval_config
 
 log = logging.getLogger("aapo_megatron.eval")
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
 
 # flag -> dotted config key
 _FLAG_KEYS = {

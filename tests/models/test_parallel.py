@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aapo_megatron.config import Config, ConfigError, ParallelConfig
-from aapo_megatron.models.parallel import (
+from aapo_megatron.distributed import (
     DEFAULT_MASTER_PORT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,

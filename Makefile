@@ -10,7 +10,7 @@ DEPS_STAMP  := $(VENV)/.stamp-deps
 PKG_STAMP   := $(VENV)/.stamp-pkg
 PYTEST_ARGS ?=
 
-.PHONY: venv deps build test test-fast demo model-smollm2 bench bench-trl sample-efficiency cuda-check gpu-check clean
+.PHONY: venv deps build test test-fast demo model-smollm2 bench bench-trl sample-efficiency cuda-check gpu-check clean lint-imports
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -35,7 +35,11 @@ deps: $(DEPS_STAMP)
 build: $(PKG_STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
-test: build
+# the import layering of pyproject.toml [tool.importlinter] first, then the tests
+lint-imports:
+	$(VENV)/bin/lint-imports
+
+test: build lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: build

@@ -3,7 +3,7 @@
 The loss is summed over tokens and Megatron divides by the step's token count
 (`calculate_per_token_loss`): `finalize_model_grads` all-reduces the count over
 data-parallel ranks and scales the gradients by its inverse, so the update is
-the global token-mean of DESIGN.md section 1 for any micro-batching and DP size.
+the global token-mean (docs/algorithms.md) for any micro-batching and DP size.
 """
 
 from __future__ import annotations

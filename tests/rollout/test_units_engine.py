@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aapo_megatron.rollout.engine import SamplingSpec, check_prompts
-from aapo_megatron.rollout.mismatch import logprob_mismatch, pad_logprobs
+from tests.rollout.mismatch import logprob_mismatch, pad_logprobs
 
 
 def test_sampling_spec_validation_and_roundtrip():

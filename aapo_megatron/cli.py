@@ -10,10 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 3
+from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_STOPPED, AapoError  # noqa: F401 (re-exported)
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -66,6 +63,9 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"aapo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except AapoError as exc:  # e.g. a data file that does not parse (BadInputError: exit 2)
+        print(f"aapo-train: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     from aapo_megatron.trainer.loop import run_training
 
     return run_training(cfg)

@@ -147,7 +147,7 @@ def train_phase(overrides: list[str], rounds: int, variants: list[str], dtypes: 
     from aapo_megatron.config import load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.trainer.batch import make_micro_batches, micro_batch_shape
     from aapo_megatron.trainer.losses import build_loss_fn
     from aapo_megatron.trainer.optim import build_optimizer, build_scheduler, torch_optimizers, wrap_ddp

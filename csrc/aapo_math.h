@@ -1,7 +1,7 @@
 // Per-element and per-row math shared by the CPU kernels (csrc/*.cpp) and the CUDA kernels (csrc/cuda/*.cu).
 //
 // Plain C++ plus the AAPO_HD macro, no torch includes, so nvcc can compile it. The CPU tests therefore exercise
-// exactly the formulas the GPU runs. See DESIGN.md sections 1 and 3.
+// exactly the formulas the GPU runs. See docs/algorithms.md.
 #pragma once
 
 #include <cfloat>

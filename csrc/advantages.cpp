@@ -1,4 +1,4 @@
-// Grouped rewards and advantages (DESIGN.md sections 1 and 3.1), one group per task:
+// Grouped rewards and advantages (docs/algorithms.md), one group per task:
 //   r_i   = NaN-ignoring weighted sum of the policy sample's per-function rewards (all-NaN -> 0)
 //   r'_i  = the same for the reference samples
 //   A_i   = (r_i - mean_g) / (std_g + eps)   [or r_i - mean_g without scaling]   (std: unbiased)

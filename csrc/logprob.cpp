@@ -1,5 +1,5 @@
 // Vocab-parallel token log-prob and entropy over logits [N, V/tp] (fp32 or bf16), forward and backward
-// (DESIGN.md section 3.2). Never makes an fp32 copy of the logits; accumulates in fp32.
+// (docs/train-step.md). Never makes an fp32 copy of the logits; accumulates in fp32.
 //
 //   logprob_shard_stats     one read: per row of this rank's shard, (max, sumexp, sum_pd, target logit)
 //                           (sumexp/sum_pd relative to the shard max, see aapo_math.h). The TP all-reduces and

@@ -8,7 +8,7 @@
 
 Each rank is a fresh `spawn`ed interpreter with MASTER_ADDR/MASTER_PORT/RANK/
 WORLD_SIZE/LOCAL_RANK set (what torchrun sets); the body initialises
-torch.distributed itself (usually via aapo_megatron.models.parallel). An
+torch.distributed itself (usually via aapo_megatron.distributed). An
 exception on any rank fails the caller with that rank's traceback.
 """
 

@@ -113,7 +113,7 @@ def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype:
     from aapo_megatron.convert.lazy_save import save_mcore_checkpoint_lazy
     from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.gpt import build_gpt_model, transformer_config
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.models.weights import model_naming, stage_hf_names
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=1, pipeline_model_parallel_size=world,

@@ -8,12 +8,14 @@ import os
 import zlib
 from typing import Any, Iterator, Optional, Union
 
+from aapo_megatron.errors import BadInputError
+
 RowOrError = Union[dict[str, Any], str]
 
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class DataError(ValueError):
+class DataError(BadInputError, ValueError):
     """A prompt file or source is unusable (missing, unreadable, or every row bad); the message names it."""
 
 

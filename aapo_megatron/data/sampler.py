@@ -16,8 +16,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from aapo_megatron.errors import BadInputError
 
-class SamplerStateError(ValueError):
+
+class SamplerStateError(BadInputError, ValueError):
     """A sampler state does not belong to this dataset/seed (the message names the field)."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from aapo_megatron.errors import BadInputError
+
 SYSTEM_PROMPTS: dict[str, str] = {
     "aapo_open_rs": (
         "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
@@ -27,7 +29,7 @@ SYSTEM_PROMPTS: dict[str, str] = {
 """The paper's system prompts by preset name (verbatim, typos included)."""
 
 
-class PromptFormatError(ValueError):
+class PromptFormatError(BadInputError, ValueError):
     """A prompt value cannot be turned into chat messages (the message says why)."""
 
 

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from aapo_megatron.errors import BadInputError
 from aapo_megatron.config import DataConfig
 from aapo_megatron.data.dataset import _MISSING, Prompt, PromptDataset, get_field
 from aapo_megatron.data.readers import DataError, RowOrError, detect_format, read_rows
@@ -45,7 +46,7 @@ _AUTO_ORDER: tuple[tuple[str, str], ...] = (
 )
 
 
-class EvalInputError(ValueError):
+class EvalInputError(BadInputError, ValueError):
     """Bad input to an evaluation (missing model or file, unknown column, empty benchmark); names the culprit."""
 
 

@@ -19,11 +19,11 @@ import sys
 import time
 from typing import Any, Optional
 
+from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_OK, AapoError
 from aapo_megatron.eval.config import EvalConfig, load_eval_config
 
 log = logging.getLogger("aapo_megatron.eval")
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
 
 # flag -> dotted config key
 _FLAG_KEYS = {
@@ -223,6 +223,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, EvalInputError, ConversionError) as exc:  # a bad checkpoint is bad input too
         print(f"aapo-eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except AapoError as exc:  # every other deliberate error carries its exit code
+        print(f"aapo-eval: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("aapo-eval: interrupted; finished batches are kept, rerun the same command to continue",
               file=sys.stderr)

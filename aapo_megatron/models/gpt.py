@@ -19,19 +19,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from aapo_megatron.distributed import current_platform
+from aapo_megatron.dtypes import DTYPES, dtype_name
 from aapo_megatron.models.arch import ArchSpec, RopeScaling
-from aapo_megatron.models.compat.cpu import install_cpu_shims
 
 
 def use_transformer_engine() -> bool:
-    """True when CUDA and Transformer Engine are both usable (then the TE layer spec is used)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "no TE"
-        return False
-    return True
+    """True when CUDA and Transformer Engine are both usable (then the TE layer spec is used; the Platform decides)."""
+    return current_platform().transformer_engine
 
 
 def layer_spec(spec: ArchSpec, use_te: Optional[bool] = None, sdpa_attention: bool = True,
@@ -64,12 +59,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto") -> torch.dtype:
     """Parameter dtype: 'auto' is bfloat16 with CUDA and float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto, float32, bfloat16 or float16")
-    return table[dtype]
+    return DTYPES[dtype_name(dtype, current_platform().default_dtype)]
 
 
 def transformer_config(
@@ -84,7 +74,7 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = resolve_dtype(dtype)
-    cuda = torch.cuda.is_available()
+    cuda = current_platform().cuda
     kwargs = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -161,7 +151,6 @@ def build_gpt_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    install_cpu_shims()
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     if spec.num_layers % pp:
@@ -198,8 +187,9 @@ def build_gpt_model(
     # set the llama3 frequencies from the spec instead (identical for the default parameters).
     inv_freq = llama3_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_scaling)
     model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    platform = current_platform()
+    if platform.cuda:
+        model.cuda(platform.device)
     return model
 
 

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from aapo_megatron.distributed import current_platform
 from aapo_megatron.models.arch import ArchSpec
 
 
@@ -28,13 +29,14 @@ class HostOffload:
     """
 
     def __init__(self, module: torch.nn.Module, enabled: bool = True):
-        self.enabled = bool(enabled) and torch.cuda.is_available()
+        platform = current_platform()
+        self.enabled = bool(enabled) and platform.cuda
         self.params = list(module.parameters())
         self.host: list[torch.Tensor] = []
         self.device: Optional[torch.device] = None
         self.resident = True
         if self.enabled:
-            self.device = self.params[0].device if self.params else torch.device("cuda", torch.cuda.current_device())
+            self.device = self.params[0].device if self.params else platform.device
             for p in self.params:
                 host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
                 host.copy_(p.data)

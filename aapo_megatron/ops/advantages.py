@@ -1,7 +1,7 @@
 """Grouped rewards and advantages: the compiled op `torch.ops.aapo.grouped_advantages` and a pure-torch reference.
 
 Both take per-function rewards [B*G, F] (NaN = the function does not apply; an all-NaN row sums to 0), weights [F]
-and optional reference rewards, and return the same `GroupedAdvantages`. DESIGN.md section 1 has the formula.
+and optional reference rewards, and return the same `GroupedAdvantages`. docs/algorithms.md has the formula.
 """
 
 from __future__ import annotations

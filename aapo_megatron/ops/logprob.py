@@ -3,7 +3,7 @@
 The compiled kernels (csrc/logprob.cpp) read each logit once in the forward and write the gradient in one pass,
 optionally in place over the logits; the logits are never copied or upcast as a whole. Across tensor parallelism
 this module does the two collectives on an explicitly passed TP group: one all-reduce MAX of the shard maxima and
-one all-reduce SUM of the stacked [sumexp, sum_pd, target_logit] (DESIGN.md section 3.2).
+one all-reduce SUM of the stacked [sumexp, sum_pd, target_logit] (docs/train-step.md).
 
 Public entry points:
     vocab_parallel_logprob(logits, target, tp_group=None, ...)      -> (logp, entropy), differentiable

@@ -13,7 +13,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-ENGINE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from aapo_megatron.dtypes import DTYPES
+
+ENGINE_DTYPES = DTYPES
 """Rollout engine dtype names -> torch dtypes (the names vLLM and `aapo-rollout-server --dtype` take)."""
 
 

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Optional
 
+from aapo_megatron.distributed import current_platform
 from aapo_megatron.rollout.transport.registry import is_loopback
 
 log = logging.getLogger("aapo.rollout.server")
@@ -107,7 +108,7 @@ def vllm_args(args: argparse.Namespace, hf_config: dict) -> argparse.Namespace:
         argv += ["--gpu-memory-utilization", str(args.memory_fraction)]
     if args.max_model_len is not None:
         argv += ["--max-model-len", str(args.max_model_len)]
-    if not torch.cuda.is_available():
+    if not current_platform().cuda:
         sched = cpu_scheduler_kwargs(args.max_model_len, hf_config)
         argv += ["--enforce-eager", "--no-enable-chunked-prefill",
                  "--max-num-batched-tokens", str(sched["max_num_batched_tokens"])]

@@ -19,8 +19,8 @@ import threading
 import time
 from typing import Any, Iterator, Literal, Optional, Sequence
 
-import torch
-
+from aapo_megatron.distributed import current_platform
+from aapo_megatron.dtypes import dtype_name
 from aapo_megatron.rollout.engine import (
     ENGINE_DTYPES,
     Completion,
@@ -41,11 +41,7 @@ WORKER_EXTENSION = "aapo_megatron.rollout.worker_extension.WeightSyncExtension"
 
 def resolve_dtype(dtype: str) -> str:
     """'auto' -> bfloat16 with CUDA, float32 on CPU; other names pass through (validated)."""
-    if dtype == "auto":
-        return "bfloat16" if torch.cuda.is_available() else "float32"
-    if dtype not in ENGINE_DTYPES:
-        raise ValueError(f"unknown rollout dtype {dtype!r}; expected one of auto, {', '.join(ENGINE_DTYPES)}")
-    return dtype
+    return dtype_name(dtype, current_platform().default_dtype, what="rollout dtype")
 
 
 @contextlib.contextmanager
@@ -141,7 +137,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self.bucket_bytes = int(weight_sync_bucket_mb * 2**20)
         self.timeout_s = float(weight_sync_timeout_s)
         self.shm_dir = shm_dir
-        self.transport = resolve_transport(weight_transport, placement="colocated", cuda=torch.cuda.is_available())
+        cuda = current_platform().cuda
+        self.transport = resolve_transport(weight_transport, placement="colocated", cuda=cuda)
         transport_cls = load_transport(self.transport)
         self.last_sync: Optional[SyncStats] = None
         self._version = 0
@@ -158,10 +155,10 @@ class VLLMRolloutEngine(RolloutEngine):
             dtype=self.dtype,
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
-            enforce_eager=not torch.cuda.is_available(),
+            enforce_eager=not cuda,
             worker_extension_cls=WORKER_EXTENSION,
         )
-        if not torch.cuda.is_available():
+        if not cuda:
             kwargs.update(cpu_scheduler_kwargs(max_model_len, hf_config))
         if kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
@@ -171,7 +168,7 @@ class VLLMRolloutEngine(RolloutEngine):
             kwargs["max_model_len"] = max_model_len
         if role == "policy":
             kwargs.update(transport_cls.engine_kwargs())
-        if torch.cuda.is_available():
+        if cuda:
             kwargs["enable_sleep_mode"] = True  # vLLM-CPU refuses the flag; its sleep/wake_up are no-ops anyway
         kwargs.update(llm_kwargs)
         if cpu_threads_bind is None and tensor_parallel_size == 1:
@@ -399,7 +396,8 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
             model_context = None  # the engine reports the bad model directory itself
         kwargs["max_model_len"] = min(context, int(model_context)) if model_context else context
     binds: tuple[Optional[str], Optional[str]] = (None, None)
-    if (reference and rollout_cfg.overlap_reference and not torch.cuda.is_available()
+    cuda = current_platform().cuda
+    if (reference and rollout_cfg.overlap_reference and not cuda
             and "cpu_threads_bind" not in kwargs and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
         binds = split_cpu_cores(sorted(os.sched_getaffinity(0)))
     common = dict(
@@ -412,7 +410,7 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
     common.update(kwargs)
     transport = {"weight_transport": getattr(rollout_cfg, "weight_transport", "auto")}
     policy = VLLMRolloutEngine(model_path, role="policy", **common, **transport, **_bind(binds[0]))
-    if reference and torch.cuda.is_available():
+    if reference and cuda:
         policy.sleep()  # GPU: free its memory so the reference engine can start; the first generate wakes it
     ref = VLLMRolloutEngine(model_path, role="reference", **common, **_bind(binds[1])) if reference else None
     return policy, ref
@@ -430,7 +428,7 @@ def all_cpu_cores_bind() -> Optional[str]:
     0.4M quickstart size the two were within noise. None on GPU hosts, and when VLLM_CPU_OMP_THREADS_BIND is
     set (yours wins).
     """
-    if torch.cuda.is_available() or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+    if current_platform().cuda or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return None
     return ",".join(map(str, sorted(os.sched_getaffinity(0))))
 

@@ -91,12 +91,11 @@ def freeze_heap_at_exit() -> bool:
 def register() -> None:
     """Entry point: registers the `gloo` weight-transfer engine; the rest on CPU hosts only (GPU hosts keep
     vLLM's spin, which trades spare cores for latency)."""
-    import torch
-
+    from aapo_megatron.distributed import current_platform
     from aapo_megatron.rollout.transport.gloo import register_gloo_engine
 
     register_gloo_engine()
-    if torch.cuda.is_available():
+    if current_platform().cuda:
         return
     limit_idle_spin(idle_spin_seconds())
     if quick_exit_enabled():

@@ -15,6 +15,7 @@ from aapo_megatron.convert.hf_io import HFCheckpointReader
 from aapo_megatron.convert.mapping import WeightMapping
 from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, load_mcore_checkpoint, read_arch
 from aapo_megatron.data.tokenizer import tokenizer_for_config
+from aapo_megatron.distributed import current_platform
 from aapo_megatron.models.activation_memory import model_config_overrides
 from aapo_megatron.models.arch import ArchSpec
 from aapo_megatron.models.gpt import build_policy, resolve_dtype
@@ -72,7 +73,7 @@ def build_optimizer(chunks: Optional[list], model: torch.nn.Module, ocfg: OptimC
                     total_updates: int, lr: Optional[float] = None, constant: bool = False) -> tuple:
     """(DDP chunks (built once), a fresh optimizer, its LR schedule over `total_updates`); `lr`/`constant`
     override optim.lr and the schedule (SFT)."""
-    use_dist_opt = torch.cuda.is_available()  # Megatron's DistributedOptimizer refuses CPU tensors
+    use_dist_opt = current_platform().distributed_optimizer  # Megatron's DistributedOptimizer refuses CPU tensors
     if chunks is None:
         chunks = wrap_ddp([model], use_distributed_optimizer=use_dist_opt)
     if lr is not None:

@@ -12,10 +12,12 @@ from typing import Iterable, Optional
 
 import torch
 
+from aapo_megatron.distributed import current_platform
+
 
 def release_training_memory(chunks: Optional[Iterable[torch.nn.Module]]) -> bool:
     """Free the DDP grad buffers of `chunks` and the allocator's cache; False (no-op) without CUDA."""
-    if not torch.cuda.is_available():
+    if not current_platform().cuda:
         return False
     for chunk in chunks or ():
         offload = getattr(chunk, "offload_grad_buffers", None)
@@ -27,7 +29,7 @@ def release_training_memory(chunks: Optional[Iterable[torch.nn.Module]]) -> bool
 
 def restore_training_memory(chunks: Optional[Iterable[torch.nn.Module]]) -> bool:
     """Reallocate (zeroed) the DDP grad buffers of `chunks` before training; False (no-op) without CUDA."""
-    if not torch.cuda.is_available():
+    if not current_platform().cuda:
         return False
     for chunk in chunks or ():
         restore = getattr(chunk, "restore_grad_buffers", None)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from aapo_megatron.config import Config, ConfigError, dump_yaml
 from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_SAVE_FAILED, EXIT_STOPPED, AapoError
-from aapo_megatron.models.parallel import current_layout, init_distributed, seed_everything, teardown_distributed
+from aapo_megatron.distributed import current_layout, init_distributed, seed_everything, teardown_distributed
 from aapo_megatron.models.reference import build_run_reference
 from aapo_megatron.trainer import build, reference_identity, sft, timeshare, weights_out
 from aapo_megatron.trainer.batch import RolloutBatch

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from aapo_megatron.config import Config, ConfigError
+from aapo_megatron.distributed import current_platform
+from aapo_megatron.dtypes import DTYPE_BYTES
 from aapo_megatron.models.arch import ArchSpec
 
 GIB = 1024**3
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -196,13 +197,13 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
     import torch
 
     if cuda is None:
-        cuda = torch.cuda.is_available() if cfg.plan.platform == "auto" else cfg.plan.platform == "gpu"
+        cuda = current_platform().cuda if cfg.plan.platform == "auto" else cfg.plan.platform == "gpu"
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     world = world_size or tp * pp
     dp = max(1, world // (tp * pp))
     source = "plan.device_memory_gb"
     if capacity is None:
-        if cuda and torch.cuda.is_available():
+        if cuda and current_platform().cuda:
             capacity, source = torch.cuda.get_device_properties(0).total_memory, "read from the device"
         else:
             capacity = int(cfg.plan.device_memory_gb * GIB)

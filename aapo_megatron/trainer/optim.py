@@ -19,6 +19,7 @@ from megatron.core.optimizer import clip_grads  # attribute access: the CPU shim
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from aapo_megatron.config import OptimConfig
+from aapo_megatron.distributed import current_platform
 
 
 def wrap_ddp(model_chunks: list[torch.nn.Module], use_distributed_optimizer: bool) -> list[DistributedDataParallel]:
@@ -54,7 +55,7 @@ def build_optimizer(model_chunks: list[DistributedDataParallel], cfg: OptimConfi
         use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model_chunks)
-    if not torch.cuda.is_available():
+    if not current_platform().cuda:
         use_fused_cpu_adam(optimizer)
     return optimizer
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aapo_megatron.distributed import current_platform
+
 MODEL_DIR = "model"
 TRAINER_FILE = "trainer.pt"
 RNG_DIR = "rng"
@@ -25,7 +27,7 @@ RNG_DIR = "rng"
 def rng_state() -> dict[str, Any]:
     """This process's RNG states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if current_platform().cuda:
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -35,7 +37,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and current_platform().cuda:
         torch.cuda.set_rng_state(state["cuda"])
 
 

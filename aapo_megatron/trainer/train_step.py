@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from aapo_megatron.distributed import current_platform
 from aapo_megatron.trainer.batch import (
     MicroBatch,
     RolloutBatch,
@@ -91,7 +92,7 @@ def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return current_platform().device
 
 
 def run_update(

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from aapo_megatron.config import Config
 from aapo_megatron.models.activation_memory import sequence_multiple
-from aapo_megatron.models.parallel import ParallelLayout
+from aapo_megatron.distributed import ParallelLayout
 from aapo_megatron.trainer.batch import RolloutBatch, shard_indices
 from aapo_megatron.trainer.errors import TrainingError
 from aapo_megatron.trainer.losses import build_loss_fn

@@ -1,4 +1,4 @@
-// CUDA grouped rewards and advantages (DESIGN.md sections 1 and 3.1): one warp per group of G samples.
+// CUDA grouped rewards and advantages (docs/algorithms.md): one warp per group of G samples.
 // Lanes take samples j = lane, lane + 32, ...; per-lane passes are in kernel_math.h, and the group statistics are
 // reduced with warp shuffles (xor butterflies, so every lane ends with the total). Double precision throughout, stored
 // as float32, like the CPU kernel (csrc/advantages.cpp).

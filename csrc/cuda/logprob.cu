@@ -1,5 +1,5 @@
 // CUDA vocab-parallel token log-prob and entropy over logits [N, V/tp] (float32 or bfloat16), forward and backward
-// (DESIGN.md section 3.2); the same ops and outputs as the CPU kernels in csrc/logprob.cpp.
+// (docs/train-step.md); the same ops and outputs as the CPU kernels in csrc/logprob.cpp.
 //
 // One block of kThreads threads per row. Each thread reads its share of the row with 16-byte vector loads (4 fp32 or
 // 8 bf16) after a scalar head up to the first 16-byte boundary, keeps an online (max, sumexp, sum_pd) in fp32

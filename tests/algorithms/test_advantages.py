@@ -1,4 +1,4 @@
-"""Advantage estimators built from AlgorithmConfig: aapo against the DESIGN.md formula, grpo, dr_grpo, metrics."""
+"""Advantage estimators built from AlgorithmConfig: aapo against the formula in docs/algorithms.md, grpo, dr_grpo, metrics."""
 
 import math
 import statistics
@@ -11,7 +11,7 @@ from aapo_megatron.config import AlgorithmConfig
 
 
 def _aapo_by_hand(r, r_ref, g, scale, eps, dl, dh, pairing):
-    """Independent plain-Python evaluation of DESIGN.md section 1."""
+    """Independent plain-Python evaluation of the AAPO advantage (docs/algorithms.md)."""
     out = []
     for start in range(0, len(r), g):
         grp = r[start : start + g]

@@ -1,4 +1,4 @@
-"""Policy losses: aapo_ce against the DESIGN.md loss, grpo_clip against a by-hand PPO/k3 computation, and the
+"""Policy losses: aapo_ce against the loss in docs/algorithms.md, grpo_clip against a by-hand PPO/k3 computation, and the
 fused logits path against the unfused one."""
 
 import pytest

@@ -70,7 +70,7 @@ def _body(rank: int, world: int, tmp: str) -> dict:
     from aapo_megatron.convert.errors import MissingTensorError
     from aapo_megatron.convert.mcore_io import load_mcore_checkpoint, save_mcore_checkpoint
     from aapo_megatron.models.gpt import build_gpt_model
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.trainer.optim import build_optimizer, guarded_update, wrap_ddp
     from aapo_megatron.trainer.state import load_model_and_optimizer, save_model_and_optimizer
 

@@ -34,7 +34,7 @@ def _load(spec, ckpt, tp, pp):
     from aapo_megatron.config import ParallelConfig
     from aapo_megatron.convert.mcore_io import load_mcore_checkpoint
     from aapo_megatron.models.gpt import build_reference
-    from aapo_megatron.models.parallel import init_distributed
+    from aapo_megatron.distributed import init_distributed
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, backend="gloo"))
     model = build_reference(spec, dtype="float32")
@@ -50,7 +50,7 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
     from aapo_megatron.convert.mcore_io import save_mcore_checkpoint
     from aapo_megatron.convert.mcore_to_hf import _mcore_to_hf_worker
     from aapo_megatron.models.arch import ArchSpec
-    from aapo_megatron.models.parallel import teardown_distributed
+    from aapo_megatron.distributed import teardown_distributed
 
     results = {}
     for kind, (hf_dir, ids, pad) in cases.items():

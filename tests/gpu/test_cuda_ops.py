@@ -311,7 +311,7 @@ def _megatron_parity(rank: int, world_size: int, device: str, dtype_name: str) -
         torch.cuda.set_device(rank)
         dist.init_process_group("nccl")
     else:
-        from aapo_megatron.models.compat.cpu import install_cpu_shims
+        from aapo_megatron.compat.megatron_cpu import install_cpu_shims
 
         install_cpu_shims()
         dist.init_process_group("gloo")

@@ -28,7 +28,7 @@ def run_layout(tp: int, pp: int) -> tuple:
 
 def _layout_body(rank: int, world_size: int, tp: int, pp: int) -> dict:
     from aapo_megatron.config import ParallelConfig
-    from aapo_megatron.models.parallel import init_distributed, seed_everything, teardown_distributed
+    from aapo_megatron.distributed import init_distributed, seed_everything, teardown_distributed
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     seed_everything(1234)
@@ -50,7 +50,7 @@ def _parity_one(kind: str) -> dict:
     from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import attention_mask_and_position_ids, build_reference
-    from aapo_megatron.models.parallel import current_layout
+    from aapo_megatron.distributed import current_layout
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
 
     hf = tiny_hf_model(kind)  # identical on every rank (seeded CPU init)

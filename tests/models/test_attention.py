@@ -14,7 +14,7 @@ def _compare(rank, world):
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.attention import SDPADotProductAttention
     from aapo_megatron.models.gpt import transformer_config
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.trainer.train_step import causal_mask, segment_causal_mask
 
     init_distributed(ParallelConfig())

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from aapo_megatron.models.compat import cpu as shims
+from aapo_megatron.compat import megatron_cpu as shims
 from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU shims are inactive with CUDA")
@@ -133,22 +133,19 @@ def test_float16_optimizer_wraps_bf16_cpu_params_with_fp32_main_params():
     assert torch.equal(weight.data, torch.ones(3, dtype=torch.bfloat16))  # 0.999 rounds back to 1.0 in bf16
 
 
-def test_float16_optimizer_shim_is_version_guarded(monkeypatch, caplog):
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+def test_shims_are_version_guarded(monkeypatch):
+    from aapo_megatron.errors import AapoError
 
-    assert shims.megatron_core_version().startswith(shims.FLOAT16_OPTIMIZER_SHIM_VERSIONS)
-    installed = Float16OptimizerWithFloat16Params.__init__
-    monkeypatch.setattr(Float16OptimizerWithFloat16Params, "__init__", installed.cpu_shim_of)
+    assert shims.megatron_core_version() == shims.TESTED_MEGATRON_CORE  # the venv runs the tested version
+    shims.check_megatron_core_version()
     monkeypatch.setattr(shims, "megatron_core_version", lambda: "0.99.0")
-    with caplog.at_level("WARNING", logger=shims.__name__):
-        shims._install_float16_optimizer_shim()
-    assert not hasattr(Float16OptimizerWithFloat16Params.__init__, "cpu_shim_of")  # unknown version: left alone
-    assert "0.99.0" in caplog.text
-    monkeypatch.setattr(shims, "megatron_core_version", lambda: "0.16.1")
-    shims._install_float16_optimizer_shim()
-    assert Float16OptimizerWithFloat16Params.__init__.cpu_shim_of is installed.cpu_shim_of
-    shims._install_float16_optimizer_shim()  # idempotent: never wrapped twice
-    assert Float16OptimizerWithFloat16Params.__init__.cpu_shim_of is installed.cpu_shim_of
+    with pytest.raises(shims.MegatronVersionError, match=r"megatron-core 0\.99\.0 .*tested against megatron-core 0\.16\.1"):
+        shims.check_megatron_core_version()
+    monkeypatch.setattr(shims, "_INSTALLED", False)  # a fresh process: the guard runs before anything is patched
+    patched_before = torch.cuda.current_device
+    with pytest.raises(AapoError):
+        shims.install_cpu_shims()
+    assert torch.cuda.current_device is patched_before
 
 
 # --------------------------------------------------------------------------- optimizer step over gloo
@@ -166,7 +163,7 @@ def _optimizer_body(rank: int, world_size: int):
     from aapo_megatron.convert.mapping import OUTPUT_LAYER, WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import attention_mask_and_position_ids, build_policy
-    from aapo_megatron.models.parallel import current_layout, init_distributed, seed_everything, teardown_distributed
+    from aapo_megatron.distributed import current_layout, init_distributed, seed_everything, teardown_distributed
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
     from tests.models.layouts import _loss_inputs, hf_from_spec
     from tests.models.tiny_hf import padded_batch, pipeline_forward

@@ -1,11 +1,11 @@
-"""parallel.py: torchrun / Slurm environment parsing, Slurm hostlists, world-size validation."""
+"""distributed.py: torchrun / Slurm environment parsing, Slurm hostlists, world-size validation, the Platform."""
 
 from __future__ import annotations
 
 import pytest
 
 from aapo_megatron.config import Config, ConfigError, ParallelConfig
-from aapo_megatron.models.parallel import (
+from aapo_megatron.distributed import (
     DEFAULT_MASTER_PORT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
@@ -111,3 +111,25 @@ def test_nccl_without_cuda_is_a_config_error():
         pytest.skip("CPU-only check")
     with pytest.raises(ConfigError, match="'parallel.backend' is 'nccl' but CUDA is not available"):
         init_distributed(ParallelConfig(backend="nccl"), environ={})
+
+
+def test_platform_on_this_host_is_decided_from_the_device():
+    import dataclasses
+
+    import torch
+
+    from aapo_megatron.distributed import detect_platform, read_dist_env
+    from aapo_megatron.dtypes import DTYPES
+    from aapo_megatron.models.gpt import resolve_dtype
+
+    cuda = torch.cuda.is_available()
+    p = detect_platform(ParallelConfig(), read_dist_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}))
+    assert p.cuda is cuda and p.device.type == ("cuda" if cuda else "cpu")
+    assert p.backend == ("nccl" if cuda else "gloo") and p.distributed_optimizer is cuda
+    assert p.default_dtype == ("bfloat16" if cuda else "float32")
+    assert p.transformer_engine is False or cuda  # TE only with CUDA
+    assert resolve_dtype("auto") is DTYPES[p.default_dtype] and resolve_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; expected one of auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.cuda = not cuda

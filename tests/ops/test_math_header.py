@@ -55,7 +55,7 @@ def _load(path: Path, *shape, dtype=np.float32) -> torch.Tensor:
 
 
 def _advantages_reference(R, w, R_ref, g, eps, scale, dlow, dhigh, pairing):
-    """Pure-torch float64 grouped advantages (DESIGN.md section 1)."""
+    """Pure-torch float64 grouped advantages (docs/algorithms.md)."""
     r = (R.double() * w.double()).nansum(dim=1)  # [B*G]; an all-NaN row sums to 0
     groups = r.view(-1, g)  # [B, G]
     mean = groups.mean(dim=1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aapo_megatron.rollout.engine import RolloutError, SamplingSpec
-from aapo_megatron.rollout.mismatch import logprob_mismatch, pad_logprobs
+from tests.rollout.mismatch import logprob_mismatch, pad_logprobs
 from aapo_megatron.rollout.reference_cache import ReferenceCache
 from aapo_megatron.rollout.weight_sync import WeightSyncError, WeightSyncTimeout, hf_named_tensors
 from tests.rollout.conftest import PROMPTS, hf_greedy, hf_token_logprobs, shm_leftovers

@@ -6,7 +6,7 @@
     info = cluster.wait_job(job, {"COMPLETED"}, timeout=300)
     cluster.stop()                         # scancel, SIGTERM the daemons by pid file, check nothing is left
 
-The recipe is DESIGN.md section 4 (proctrack/linuxproc, task/none, select/cons_tres, SlurmUser=root, one
+The recipe (docs/cluster.md) (proctrack/linuxproc, task/none, select/cons_tres, SlurmUser=root, one
 node with $(nproc) CPUs, one partition). Everything the cluster writes lives in its own directory, with its
 own munged socket and its own ports, so it neither needs nor disturbs a system-wide Slurm or munge.
 """

@@ -1,7 +1,7 @@
 """A rank program for checking the Slurm launcher without the trainer (tests/slurm/test_launcher.py).
 
 Launched by slurm/aapo_70b.sh in place of aapo-train (AAPO_TRAIN_CMD). Each rank initialises the project's
-distributed setup from Slurm's environment (aapo_megatron.models.parallel.init_distributed: SLURM_PROCID,
+distributed setup from Slurm's environment (aapo_megatron.distributed.init_distributed: SLURM_PROCID,
 SLURM_NTASKS, MASTER_ADDR/MASTER_PORT from the script), all-reduces its rank + 1, and writes one JSON line per
 rank to <trainer.run_dir>/ranks.jsonl. It then follows the trainer's signal contract: with --wait-for-signal,
 on the first run of the job (SLURM_RESTART_COUNT unset or 0) it waits for SIGUSR1/SIGTERM and exits 3
@@ -37,7 +37,7 @@ def main() -> int:
     import torch.distributed as dist
 
     from aapo_megatron.config import load_config
-    from aapo_megatron.models.parallel import init_distributed
+    from aapo_megatron.distributed import init_distributed
 
     cfg = load_config(args.config, args.overrides)
     env = init_distributed(cfg.parallel)

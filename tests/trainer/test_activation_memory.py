@@ -91,7 +91,7 @@ def _one(variant: str, pack: bool) -> dict:
 
 def _body(rank: int, world: int) -> dict:
     from aapo_megatron.config import ParallelConfig
-    from aapo_megatron.models.parallel import init_distributed, seed_everything, teardown_distributed
+    from aapo_megatron.distributed import init_distributed, seed_everything, teardown_distributed
 
     init_distributed(ParallelConfig(tensor_model_parallel_size=2))
     seed_everything(0)

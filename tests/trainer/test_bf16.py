@@ -91,7 +91,7 @@ def _body(rank: int, world_size: int) -> dict:
     from aapo_megatron.config import load_config
     from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
-    from aapo_megatron.models.parallel import init_distributed, seed_everything, teardown_distributed
+    from aapo_megatron.distributed import init_distributed, seed_everything, teardown_distributed
 
     results = {}
     for tp, pp in LAYOUTS:

@@ -12,7 +12,7 @@ def _tiny_job():
     from aapo_megatron.config import OptimConfig, load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.trainer.optim import build_optimizer, wrap_ddp
 
     cfg = load_config(None, ["model.scratch.vocab_size=64", "model.scratch.hidden_size=32",

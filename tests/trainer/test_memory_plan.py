@@ -55,7 +55,7 @@ def _measure(model: str, tp: int, pp: int, extra: tuple = ()) -> dict:
     from aapo_megatron.config import OptimConfig
     from aapo_megatron.models.activation_memory import model_config_overrides, sequence_multiple
     from aapo_megatron.models.gpt import build_policy
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.trainer.batch import RolloutBatch
     from aapo_megatron.trainer.losses import build_loss_fn
     from aapo_megatron.trainer.memory_plan import activation_bytes, arch_for_plan, stage_layers, stage_parameters

@@ -53,7 +53,7 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fu
     from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
-    from aapo_megatron.models.parallel import init_distributed, seed_everything
+    from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.models.weights import gather_hf_state_dict, model_naming
     from aapo_megatron.trainer.batch import shard_indices
     from aapo_megatron.trainer.losses import build_loss_fn

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from aapo_megatron.distributed import current_platform
+
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -96,7 +98,8 @@ class StageRunner:
         self.what = what
         self.stage_seconds: dict[str, float] = {}
         self.timed_out = False
-        device = torch.cuda.current_device() if torch.cuda.is_available() else None
+        platform = current_platform()
+        device = torch.cuda.current_device() if platform.cuda else None
 
         def _init() -> None:  # the thread inherits the caller's CUDA device
             if device is not None:

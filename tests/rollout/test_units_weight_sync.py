@@ -1,9 +1,7 @@
-"""Fast tests without an engine: buckets, stage timeouts, transport choice, sampling spec, mismatch metric,
-reference-cache bookkeeping and persistence."""
+"""Fast tests without an engine: weight-sync buckets, stage timeouts, the file and shared-memory streams."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -11,9 +9,6 @@ import time
 import pytest
 import torch
 
-from aapo_megatron.rollout.engine import Completion, SamplingSpec, check_prompts
-from aapo_megatron.rollout.mismatch import logprob_mismatch, pad_logprobs
-from aapo_megatron.rollout.reference_cache import ReferenceCache
 from aapo_megatron.rollout.weight_sync import (
     FileSink,
     ShmSlots,
@@ -207,93 +202,3 @@ def test_shm_slots_roundtrip_reuse_growth_and_cleanup(tmp_path):
     slots.close()
     assert not os.path.exists(slots.dir)
     slots.close()  # idempotent
-
-
-def test_sampling_spec_validation_and_roundtrip():
-    spec = SamplingSpec(n=4, temperature=0.7, top_p=0.9, top_k=20, max_tokens=64, stop_token_ids=[2, 3], seed=1,
-                        logprobs=True)
-    assert SamplingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
-    for kwargs, msg in [({"n": 0}, "SamplingSpec.n must be an integer >= 1"),
-                        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-                        ({"top_k": 0}, "top_k must be -1 or > 0"),
-                        ({"temperature": -1}, "temperature must be >= 0"),
-                        ({"max_tokens": 0}, "max_tokens must be an integer >= 1")]:
-        with pytest.raises(ValueError, match=msg):
-            SamplingSpec(**kwargs)
-    with pytest.raises(ValueError, match=r"unknown sampling field\(s\) \['nn'\]"):
-        SamplingSpec.from_dict({"nn": 3})
-    assert check_prompts([(1, 2), [3]], vocab_size=4) == [[1, 2], [3]]
-    with pytest.raises(ValueError, match="prompt 1 holds token id 4 outside the vocabulary"):
-        check_prompts([[1], [4]], vocab_size=4)
-
-
-def test_logprob_mismatch_matches_reference_loop():
-    g = torch.Generator().manual_seed(3)
-    a, b = -torch.rand(4, 7, generator=g) * 3, -torch.rand(4, 7, generator=g) * 3
-    mask = torch.rand(4, 7, generator=g) > 0.3
-    diffs = [abs(float(a[i, j]) - float(b[i, j])) for i in range(4) for j in range(7) if mask[i, j]]
-    m = logprob_mismatch(a, b, mask)
-    assert m.num_tokens == len(diffs)
-    assert m.mean == pytest.approx(sum(diffs) / len(diffs), rel=1e-6)
-    assert m.max == pytest.approx(max(diffs), rel=1e-6)
-    assert m.metrics() == {"mismatch/mean": m.mean, "mismatch/max": m.max}
-    assert logprob_mismatch(a, a.clone(), mask).max == 0.0
-    assert logprob_mismatch(a, b, torch.zeros_like(mask)).num_tokens == 0
-    # padding outside the mask is ignored, even if it is garbage
-    b2 = b.clone()
-    b2[~mask] = float("nan")
-    assert logprob_mismatch(a, b2, mask).mean == pytest.approx(m.mean)
-    with pytest.raises(ValueError, match="shapes differ"):
-        logprob_mismatch(a, b[:, :3], mask)
-    values, pmask = pad_logprobs([[-1.0, -2.0], [-0.5]], 3)
-    assert values.tolist() == [[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]
-    assert pmask.tolist() == [[True, True, False], [True, False, False]]
-
-
-def _groups(ids):
-    return [[Completion([p[0] + 1, 2], "stop", [-0.1, -0.2]), Completion([p[0] + 3], "length")] for p in ids]
-
-
-def test_reference_cache_bookkeeping_and_errors(tmp_path):
-    cache = ReferenceCache()
-    calls = []
-
-    def gen(ids):
-        calls.append([list(x) for x in ids])
-        return _groups(ids)
-
-    out = cache.get_or_generate(["a", "b", "a"], [[1], [5], [1]], gen, n=2)
-    assert calls == [[[1], [5]]]  # the repeated key is generated once
-    assert out[0][0].token_ids == [2, 2] and out[2][0].token_ids == [2, 2]
-    out2 = cache.get_or_generate(["b"], [[5]], gen, n=2)
-    assert len(calls) == 1 and out2[0][1].token_ids == [8]
-    assert (cache.hits, cache.misses) == (2, 2)
-    with pytest.raises(ValueError, match="key 'a' was cached for different prompt token ids"):
-        cache.get_or_generate(["a"], [[9]], gen)
-    with pytest.raises(ValueError, match="holds 2 completions but 4 are needed"):
-        cache.get_or_generate(["a"], [[1]], gen, n=4)
-
-    path = str(tmp_path / "cache.json")
-    cache.save(path)
-    assert os.listdir(tmp_path) == ["cache.json"]
-    restored = ReferenceCache.load(path)
-    assert restored.state_dict() == cache.state_dict()
-    assert restored.get_or_generate(["a"], [[1]], gen)[0][0].logprobs == [-0.1, -0.2]
-    with pytest.raises(ValueError, match="expected format 1"):
-        ReferenceCache().load_state_dict({"entries": {}})
-    bad = cache.state_dict()
-    bad["entries"]["a"]["completions"][0].pop("token_ids")
-    fresh = ReferenceCache()
-    with pytest.raises(ValueError, match="reference cache state is malformed: KeyError"):
-        fresh.load_state_dict(bad)
-    assert len(fresh) == 0  # unchanged on error
-
-
-def test_split_cpu_cores_gives_the_two_engines_disjoint_halves():
-    from aapo_megatron.rollout.vllm_engine import split_cpu_cores
-
-    assert split_cpu_cores([0, 1]) == ("0", "1")
-    assert split_cpu_cores([0, 1, 2, 3, 4]) == ("0,1", "2,3,4")
-    assert split_cpu_cores([7]) == ("7", "7")
-    with pytest.raises(ValueError, match="no CPU cores"):
-        split_cpu_cores([])

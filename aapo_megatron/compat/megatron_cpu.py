@@ -1,15 +1,17 @@
 """CPU shims that let Megatron-Core run on a machine without CUDA (gloo backend).
 
-Megatron-Core 0.16 assumes a GPU in a handful of places: it asks for the current
+Megatron-Core 0.16.1 assumes a GPU in a handful of places: it asks for the current
 CUDA device, reads/writes the CUDA RNG state, synchronises streams, and creates
 small bookkeeping tensors with a hard-coded ``device="cuda"``. `install_cpu_shims()`
 patches exactly those places so the same Megatron code paths run on CPU over gloo:
 
-    from aapo_megatron.models.compat.cpu import install_cpu_shims
     install_cpu_shims()          # idempotent; a no-op when CUDA is available
 
-Every shim below names the Megatron code it works around (DESIGN.md section 4).
-Nothing here changes numerics: tensors simply stay on the CPU.
+`aapo_megatron.distributed.detect_platform` installs them, once, when the process has no CUDA device; nothing
+else should. They were written against megatron-core TESTED_MEGATRON_CORE (they reach into its private
+functions and module globals), so installing them on any other version raises MegatronVersionError.
+Every shim below names the Megatron code it works around. Nothing here changes numerics: tensors simply stay
+on the CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from aapo_megatron.errors import AapoError
+
 logger = logging.getLogger(__name__)
+
+TESTED_MEGATRON_CORE = "0.16.1"
+"""The megatron-core version every shim below was read against and is tested with."""
+
+
+class MegatronVersionError(AapoError):
+    """The installed megatron-core is not the version the CPU shims were written for."""
 
 _INSTALLED = False
 
@@ -178,9 +189,8 @@ def clip_grad_by_total_norm_fp32_cpu(
 
 # --------------------------------------------------------------------------- bf16 mixed-precision optimizer
 
-# Megatron-Core versions whose Float16OptimizerWithFloat16Params.__init__ was read for the shim below
-# (megatron/core/optimizer/optimizer.py, 0.16.1): the only CUDA-only check on its path is `param.type()`.
-FLOAT16_OPTIMIZER_SHIM_VERSIONS: tuple[str, ...] = ("0.16.",)
+# Float16OptimizerWithFloat16Params.__init__ (megatron/core/optimizer/optimizer.py, 0.16.1): the only CUDA-only
+# check on its path is `param.type()`.
 
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
@@ -225,13 +235,18 @@ def megatron_core_version() -> str:
     return importlib.import_module("megatron.core").__version__
 
 
+def check_megatron_core_version() -> None:
+    """Raise MegatronVersionError unless the installed megatron-core is TESTED_MEGATRON_CORE."""
+    version = megatron_core_version()
+    if version != TESTED_MEGATRON_CORE:
+        raise MegatronVersionError(
+            f"megatron-core {version} is installed, but the CPU shims (aapo_megatron/compat/megatron_cpu.py) were "
+            f"written and tested against megatron-core {TESTED_MEGATRON_CORE} only; install "
+            f"megatron-core=={TESTED_MEGATRON_CORE} (requirements/cpu.txt) or run on CUDA")
+
+
 def _install_float16_optimizer_shim() -> None:
     """Float16OptimizerWithFloat16Params (bf16 params, fp32 main params) on CPU tensors; see install_cpu_shims."""
-    version = megatron_core_version()
-    if not version.startswith(FLOAT16_OPTIMIZER_SHIM_VERSIONS):
-        logger.warning("megatron-core %s: the bf16 optimizer CPU shim was checked against %s only; not installed",
-                       version, ", ".join(FLOAT16_OPTIMIZER_SHIM_VERSIONS))
-        return
     cls = importlib.import_module("megatron.core.optimizer.optimizer").Float16OptimizerWithFloat16Params
     if not hasattr(cls.__init__, "cpu_shim_of"):
         cls.__init__ = _cpu_float16_optimizer_init(cls.__init__)
@@ -244,12 +259,14 @@ def install_cpu_shims(force: bool = False) -> bool:
     """Patch torch.cuda / Megatron-Core for CPU-only runs; idempotent; returns True when the shims are active.
 
     A no-op (returns False) when CUDA is available, unless `force` (used by tests on GPU hosts: never).
+    Raises MegatronVersionError (before patching anything) on a megatron-core other than TESTED_MEGATRON_CORE.
     """
     global _INSTALLED
     if _INSTALLED:
         return True
     if torch.cuda.is_available() and not force:
         return False
+    check_megatron_core_version()
 
     # torch.cuda.current_device(): Megatron allocates with `device=torch.cuda.current_device()`
     # (e.g. RotaryEmbedding.get_emb moves inv_freq there, param_and_grad_buffer, rerun_state_machine).
@@ -293,7 +310,7 @@ def install_cpu_shims(force: bool = False) -> bool:
     # constructor only, CPU float tensors report their torch.cuda type name. The rest of its path is CPU-safe:
     # `_scale_one` goes through the torch proxy, bf16 copies main->model with a plain loop (no multi-tensor
     # kernel), and there is no grad scaler for bf16 without a loss scale. (DistributedOptimizer has the same
-    # check and more; it stays GPU-only.) Version-guarded: FLOAT16_OPTIMIZER_SHIM_VERSIONS.
+    # check and more; it stays GPU-only.)
     _install_float16_optimizer_shim()
 
     _INSTALLED = True

@@ -281,7 +281,10 @@ class TrainingJob:
         from aapo_megatron.rollout.vllm_engine import build_engines
 
         log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if reference else "")
-        return build_engines(hf_init, cfg.rollout, reference=reference, max_prompt_tokens=cfg.data.max_prompt_tokens)
+        from aapo_megatron.algorithms.temperature import engine_logprobs_mode
+
+        return build_engines(hf_init, cfg.rollout, reference=reference, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                             logprobs_mode=engine_logprobs_mode(cfg))
 
     @property
     def _prefetch_reference(self) -> bool:
@@ -371,7 +374,7 @@ class TrainingJob:
     # ================================================================== updates
     def _updates(self, batch: RolloutBatch, num_updates: int, loss_name: str) -> list:
         """`num_updates` optimizer updates over consecutive mini-batches of `batch` (this DP rank's share)."""
-        from aapo_megatron.trainer.losses import build_loss_fn
+        from aapo_megatron.trainer.losses import build_loss_fn, update_loss_settings
         from aapo_megatron.trainer.train_step import micro_batcher, run_update
 
         tcfg = self.cfg.trainer
@@ -386,9 +389,11 @@ class TrainingJob:
             mine = shard_indices(len(mini), self.layout.dp_rank, self.layout.dp_size)
             indices = range(mini.start + mine.start, mini.start + mine.stop)
             micro = micro_batches(indices)
+            temperature, weights = update_loss_settings(self.cfg, batch, mini, loss_name)
             if self.reference is not None:
-                self.reference.fill_ref_logprobs(micro)  # the k3 KL and kl/reference
-            loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0))
+                self.reference.fill_ref_logprobs(micro, temperature)  # the k3 KL and kl/reference
+            loss_fn = build_loss_fn(loss_name, self.cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0),
+                                    temperature=temperature, sample_weights=weights)
             results.append(run_update(self.chunks, self.optimizer, self.scheduler, micro, loss_fn,
                                       self.cfg.optim.clip_grad))
         return results

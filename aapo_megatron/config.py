@@ -118,6 +118,10 @@ class AlgorithmConfig:
     grpo_clip). > 0 builds the Megatron reference (one more copy of the weights, one forward per step)."""
     reference_kl: bool = False
     """Build the frozen Megatron reference even with kl_beta = 0, only to log kl/reference (costs its memory)."""
+    logprob_temperature: Literal["sampling", "raw"] = "sampling"
+    """Log-probs of the loss, the KL and the mismatch metric: sampling = of softmax(logits / rollout.temperature), the distribution sampled from (TRL, the authors' code; vLLM returns processed logprobs); raw = of the logits as they are (T = 1)."""
+    loss_aggregation: Optional[Literal["token_mean", "group_token_mean", "constant"]] = None
+    """How token losses are averaged over an update: token_mean (over every token), group_token_mean (token mean inside each prompt group, then the mean over groups: the authors' code), constant (token sum / (rollout.max_new_tokens x sequences): Dr. GRPO). None = constant for dr_grpo, else token_mean (docs/algorithms.md)."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch.distributed as dist
 
 from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from aapo_megatron.algorithms.temperature import engine_logprobs_mode
 from aapo_megatron.config import Config, ConfigError
 from aapo_megatron.data.dataset import PromptDataset
 from aapo_megatron.data.sampler import ResumableSampler
@@ -124,7 +125,7 @@ class RolloutSide:
 
         log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")
         return build_engines(self.hf_init, cfg.rollout, reference=reference,
-                             max_prompt_tokens=cfg.data.max_prompt_tokens)
+                             max_prompt_tokens=cfg.data.max_prompt_tokens, logprobs_mode=engine_logprobs_mode(cfg))
 
     def restart(self) -> None:
         """Collective: rank 0 closes both engines and opens them again (a failure here stops every rank)."""

@@ -278,10 +278,10 @@ class TrainingJob:
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.spec.vocab_size)
-        from aapo_megatron.rollout.vllm_engine import build_engines
+        from aapo_megatron.rollout.layout import open_engines
 
         log.info("starting vLLM engines from %s (policy%s)", hf_init, " + reference" if reference else "")
-        return build_engines(hf_init, cfg.rollout, reference=reference, max_prompt_tokens=cfg.data.max_prompt_tokens)
+        return open_engines(hf_init, cfg.rollout, reference=reference, max_prompt_tokens=cfg.data.max_prompt_tokens)
 
     @property
     def _prefetch_reference(self) -> bool:

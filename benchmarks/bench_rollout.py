@@ -334,9 +334,7 @@ def bench_replicas(args, workdir: str) -> dict:
                 out = engine.generate(prompts, spec)
                 times.append(out.seconds)
             outputs[dp] = [[c.token_ids for c in grp] for grp in out.completions]
-            res[f"dp{dp}_s"] = min(times)
-            res[f"dp{dp}_all_s"] = times
-            res[f"dp{dp}_tokens"] = out.num_tokens
+            res.update({f"dp{dp}_s": min(times), f"dp{dp}_all_s": times, f"dp{dp}_tokens": out.num_tokens})
         finally:
             engine.close()
     res["same_samples"] = outputs[1] == outputs[2]

@@ -166,6 +166,10 @@ class RolloutConfig:
     """Generate the reference responses at the same time as the policy's (two engines). On CPU the colocated engines then get disjoint halves of the cores; false runs them one after the other on vLLM's default binding."""
     prefetch_reference: Literal["auto", "always", "never"] = "auto"
     """While a step trains, sample the next step's reference responses (AAPO). The reference is frozen and the next prompts and seed are known, so the samples are the ones the next step would draw. auto = when the reference engine has its own machine (placement=server); colocated on CPU it would take cores from the train step."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism of each colocated engine (policy and reference): ranks per engine, each on its own GPU (CPU: its own cores). Must divide the model's heads."""
+    data_parallel_size: int = 1
+    """Colocated engine replicas per role (policy and reference); the prompts of a batch are split across them and the samples equal one engine's. TP x DP must fit the job's GPUs on rank 0's node (CPU: its cores, x2 with overlap_reference). docs/rollout.md."""
 
 
 @dataclass
@@ -705,7 +709,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     r = cfg.rollout
     _positive(r, "rollout", "num_generations", "max_new_tokens", "weight_sync_bucket_mb", "weight_sync_timeout_s",
-              "server_timeout_s")
+              "server_timeout_s", "tensor_parallel_size", "data_parallel_size")
     _non_negative(r, "rollout", "temperature")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
     _check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0", r.top_k)
@@ -717,6 +721,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if r.placement == "server" and not r.server_url:
         raise ConfigError("'rollout.server_url' is required when rollout.placement is 'server'")
     _check_weight_transport(r)
+    from aapo_megatron.rollout.layout import check_layout
+
+    check_layout(r, shape.get("num_attention_heads"), shape.get("num_key_value_heads"))
 
     w = cfg.reward
     _positive(w, "reward", "num_workers", "timeout_s", "cosine_max_len")

@@ -121,10 +121,10 @@ class RolloutSide:
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size)
-        from aapo_megatron.rollout.vllm_engine import build_engines  # vLLM, colocated runs only
+        from aapo_megatron.rollout.layout import open_engines  # vLLM, colocated runs only
 
         log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")
-        return build_engines(self.hf_init, cfg.rollout, reference=reference,
+        return open_engines(self.hf_init, cfg.rollout, reference=reference,
                              max_prompt_tokens=cfg.data.max_prompt_tokens, logprobs_mode=engine_logprobs_mode(cfg))
 
     def restart(self) -> None:

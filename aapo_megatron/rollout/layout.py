@@ -18,15 +18,28 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
-import torch
-
 from aapo_megatron.config import ConfigError
-from aapo_megatron.distributed import current_platform
 from aapo_megatron.errors import BadInputError
 
 
 class LayoutError(ConfigError, BadInputError):
     """The rollout TP x DP layout does not fit the job or the model (exit 2, before any engine starts)."""
+
+
+
+def _torch() -> Any:
+    """torch, imported on use: config validation imports this module, and Slurm's resolve_config.py runs it
+    on a login node's python without torch."""
+    import torch
+
+    return torch
+
+
+def _platform() -> Any:
+    """The job's Platform (aapo_megatron.distributed imports torch, hence on use)."""
+    from aapo_megatron.distributed import current_platform
+
+    return current_platform()
 
 
 def chunks(n: int, parts: int) -> list[tuple[int, int]]:
@@ -67,7 +80,7 @@ def job_gpus() -> list[str]:
     """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else \
-        [str(i) for i in range(torch.cuda.device_count())]
+        [str(i) for i in range(_torch().cuda.device_count())]
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return ids[:local]
 
@@ -104,7 +117,7 @@ def cpu_binds(cores: Sequence[int], tp: int, dp: int, roles: int) -> list[list[s
 def replica_placements(rollout_cfg: Any, reference: bool) -> list[list[dict[str, str]]]:
     """Per role (policy, reference) and replica: the environment its engine starts with (CUDA / CPU binding)."""
     tp, dp = rollout_cfg.tensor_parallel_size, rollout_cfg.data_parallel_size
-    if current_platform().cuda:
+    if _platform().cuda:
         groups = gpu_groups(job_gpus(), tp, dp)
         return [[{"CUDA_VISIBLE_DEVICES": g} for g in groups]] * 2
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
@@ -147,7 +160,7 @@ def open_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True,
     places = replica_placements(rollout_cfg, reference)
     common = engine_kwargs(model_path, rollout_cfg, max_prompt_tokens, **kwargs)
     common["tensor_parallel_size"] = tp
-    cuda = current_platform().cuda
+    cuda = _platform().cuda
     built: list[list[Any]] = [[], []]
 
     def start(role: str, env: dict[str, str]) -> Any:

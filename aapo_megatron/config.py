@@ -180,8 +180,10 @@ class RewardConfig:
     """Reward function name -> weight. Built in: accuracy, format, cosine_length, reasoning_gym; "pkg.module:fn" imports a custom one. Rewards combine as a NaN-ignoring weighted sum."""
     answer_tag: Optional[str] = None
     """Extract the answer from <tag>...</tag> instead of the last \\boxed{}."""
-    format_style: Literal["think_answer", "think_close"] = "think_answer"
-    """format: think_answer = the whole completion is <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer> (open-r1); think_close = exactly one "\\n</think>\\n" (open-rs, where the chat template opens <think>)."""
+    answer_extractors: Optional[list[Literal["boxed", "tag", "last_number"]]] = None
+    """Where the answer is read, tried in order, first hit wins: boxed = last \\boxed{}, tag = last <answer_tag> (default answer), last_number = the final number in the text (instruct models). None: tag when answer_tag is set, else boxed."""
+    format_style: Literal["think_answer", "think_close", "marked_answer"] = "think_answer"
+    """format: think_answer = the whole completion is <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer> (open-r1); think_close = exactly one "\\n</think>\\n" (open-rs, where the chat template opens <think>); marked_answer = the answer is marked by a boxed or tag extractor of answer_extractors (instruct models)."""
     num_workers: int = 2
     """Reward worker processes."""
     timeout_s: float = 10.0

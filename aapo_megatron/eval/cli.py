@@ -178,7 +178,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "model": {"path": source.path, "kind": source.kind, "name": source.name, "fingerprint": source.fingerprint,
                   "max_position_embeddings": model_config(source).get("max_position_embeddings")},
         "sampling": {**spec.to_dict(), "seed": cfg.sampling.seed, "greedy": cfg.greedy(), "ks": ks},
-        "reward": {"functions": dict(cfg.reward.functions), "answer_tag": cfg.reward.answer_tag},
+        "reward": {"functions": dict(cfg.reward.functions), "answer_tag": cfg.reward.answer_tag,
+                   "answer_extractors": cfg.reward.answer_extractors},
         "benchmarks": {},
         "seconds": time.perf_counter() - t0,
     }

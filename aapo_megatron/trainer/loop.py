@@ -25,10 +25,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from aapo_megatron.checkpoint.errors import CheckpointError, CheckpointSaveError
+from aapo_megatron.checkpoint.manager import CheckpointManager
 from aapo_megatron.config import Config, ConfigError, dump_yaml
 from aapo_megatron.trainer import reference_identity, timeshare
 from aapo_megatron.trainer.batch import RolloutBatch, shard_indices
-from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from aapo_megatron.trainer.metrics import MetricsLogger, summary_table, write_plots
 from aapo_megatron.trainer.signals import StopRequest
 
@@ -156,7 +157,7 @@ class TrainingJob:
 
         if self.cfg.model.path is None:
             return ArchSpec.from_scratch(self.cfg.model.scratch).replace(vocab_size=len(self.tokenizer))
-        from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, read_arch
+        from aapo_megatron.checkpoint.mcore import is_mcore_checkpoint, read_arch
 
         if is_mcore_checkpoint(self.cfg.model.path):
             return read_arch(self.cfg.model.path)
@@ -167,7 +168,7 @@ class TrainingJob:
         path = self.cfg.model.path
         if path is None:
             return
-        from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, load_mcore_checkpoint
+        from aapo_megatron.checkpoint.mcore import is_mcore_checkpoint, load_mcore_checkpoint
 
         if is_mcore_checkpoint(path):
             load_mcore_checkpoint(self.model, path)
@@ -175,15 +176,15 @@ class TrainingJob:
             self._load_hf_dir(path)
 
     def _load_hf_dir(self, path: str) -> None:
-        from aapo_megatron.convert.hf_io import HFCheckpointReader
+        from aapo_megatron.checkpoint.hf import HFCheckpointReader
         from aapo_megatron.models.weights import load_hf_weights
 
         reader = HFCheckpointReader(path)
         load_hf_weights(self.model, self.mapping, lambda name: reader.load([name])[name])
 
     def _build_models(self) -> None:
-        from aapo_megatron.convert.mapping import WeightMapping
         from aapo_megatron.models.gpt import build_policy, resolve_dtype
+        from aapo_megatron.models.mapping import WeightMapping
         from aapo_megatron.models.weights import model_naming
 
         self.spec = self._arch()
@@ -303,7 +304,8 @@ class TrainingJob:
 
     def export_hf(self, out_dir: str) -> None:
         """Collective: write the policy as an HF directory (safetensors + config.json + tokenizer), atomically."""
-        from aapo_megatron.convert.hf_io import SafetensorsShardWriter, copy_files, finalize_shards, write_config
+        from aapo_megatron.checkpoint.hf import copy_files
+        from aapo_megatron.checkpoint.hf_writer import SafetensorsShardWriter, finalize_shards, write_config
         from aapo_megatron.models.arch import to_hf_config
 
         tmp = out_dir + ".tmp"

@@ -267,7 +267,7 @@ def arch_for_plan(cfg: Config) -> ArchSpec:
     if path is None:
         return ArchSpec.from_scratch(cfg.model.scratch)
     if os.path.exists(path):
-        from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, read_arch
+        from aapo_megatron.checkpoint.mcore import is_mcore_checkpoint, read_arch
 
         return read_arch(path) if is_mcore_checkpoint(path) else ArchSpec.from_hf_dir(path)
     if cfg.plan.hf_config is None:

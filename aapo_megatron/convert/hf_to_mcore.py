@@ -145,8 +145,8 @@ def _stage_producer(mapping, reader: HFCheckpointReader, pp_rank: int, pp_size: 
     Each call reads only the HF tensors it needs (plain file reads, no mmap). linear_fc1 is saved as its
     [gate; up] halves: each half is the HF gate_proj / up_proj tensor itself, not a slice of a concatenation.
     """
-    from aapo_megatron.models.mapping import EMBEDDING, OUTPUT_LAYER
     from aapo_megatron.models.converters import GATE_UP
+    from aapo_megatron.models.mapping import EMBEDDING, OUTPUT_LAYER
 
     spec = mapping.spec
 

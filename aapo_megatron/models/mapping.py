@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence, Uni
 import torch
 
 from aapo_megatron.models.arch import ArchSpec
+from aapo_megatron.models.converters import Converter, MappingError
 from aapo_megatron.models.families.base import (
     EMBEDDING,
     FINAL_NORM,
@@ -57,14 +58,7 @@ from aapo_megatron.models.families.base import (
     OUTPUT_LAYER,
     WeightEntry,
 )
-from aapo_megatron.models.converters import Converter, MappingError
-from aapo_megatron.models.tensor_layout import (
-    TPLayout,
-    shard_shape,
-    shard_tensor,
-    stage_layer_range,
-    unshard_tensor,
-)
+from aapo_megatron.models.tensor_layout import TPLayout, shard_shape, shard_tensor, stage_layer_range, unshard_tensor
 
 Naming = Literal["local", "te"]
 HFSource = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]

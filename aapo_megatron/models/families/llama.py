@@ -1,7 +1,7 @@
 """Llama (LlamaForCausalLM, incl. Llama 3 RoPE scaling): the HF name table of one decoder layer."""
 
-from aapo_megatron.models.families.base import INPUT_NORM, PRE_MLP_NORM, ModelFamily, WeightEntry
 from aapo_megatron.models.converters import GATE_UP, QKV
+from aapo_megatron.models.families.base import INPUT_NORM, PRE_MLP_NORM, ModelFamily, WeightEntry
 
 FAMILY = ModelFamily(
     name="llama",

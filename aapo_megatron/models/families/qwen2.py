@@ -1,7 +1,7 @@
 """Qwen2 / Qwen2.5 (Qwen2ForCausalLM): Llama's layer with biases on the q/k/v projections."""
 
-from aapo_megatron.models.families.base import INPUT_NORM, PRE_MLP_NORM, ModelFamily, WeightEntry
 from aapo_megatron.models.converters import GATE_UP, QKV
+from aapo_megatron.models.families.base import INPUT_NORM, PRE_MLP_NORM, ModelFamily, WeightEntry
 
 FAMILY = ModelFamily(
     name="qwen2",

@@ -1,7 +1,7 @@
 """Qwen3 dense (Qwen3ForCausalLM): Llama's layer with an RMSNorm on each query/key head before RoPE."""
 
-from aapo_megatron.models.families.base import INPUT_NORM, PRE_MLP_NORM, ModelFamily, WeightEntry
 from aapo_megatron.models.converters import GATE_UP, QKV
+from aapo_megatron.models.families.base import INPUT_NORM, PRE_MLP_NORM, ModelFamily, WeightEntry
 
 FAMILY = ModelFamily(
     name="qwen3",

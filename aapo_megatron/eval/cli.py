@@ -208,8 +208,8 @@ def print_tables(summary: dict[str, Any], stream=sys.stdout) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """aapo-eval entry point; returns the exit code."""
+    from aapo_megatron.checkpoint.errors import ConversionError
     from aapo_megatron.config import ConfigError, describe
-    from aapo_megatron.convert.errors import ConversionError
     from aapo_megatron.eval.benchmarks import EvalInputError
 
     args = build_parser().parse_args(argv)

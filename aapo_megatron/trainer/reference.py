@@ -88,9 +88,9 @@ class ReferenceModel:
         """
         from megatron.core import parallel_state as ps
 
-        from aapo_megatron.convert.hf_io import HFCheckpointReader
-        from aapo_megatron.convert.mapping import WeightMapping
+        from aapo_megatron.checkpoint.hf import HFCheckpointReader
         from aapo_megatron.models.gpt import build_reference, transformer_config
+        from aapo_megatron.models.mapping import WeightMapping
         from aapo_megatron.models.weights import load_hf_weights, model_naming
 
         config = None

@@ -1,4 +1,5 @@
-"""Advantage estimators and policy losses (registries: aapo, grpo, dr_grpo; aapo_ce, grpo_clip, sft_ce)."""
+"""Advantage estimators and policy losses, each registered under its config name (ADVANTAGE_ESTIMATORS: aapo,
+grpo, dr_grpo, rloo; POLICY_LOSSES: aapo_ce, grpo_clip, sft_ce). Importing the package registers them all."""
 
 from aapo_megatron.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -21,6 +22,7 @@ from aapo_megatron.algorithms.losses import (
     build_policy_loss,
     default_loss_name,
 )
+from aapo_megatron.algorithms.rloo import RLOOAdvantage
 from aapo_megatron.algorithms.step import policy_loss_from_logits
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "POLICY_LOSSES",
     "PolicyLoss",
     "PolicyLossInputs",
+    "RLOOAdvantage",
     "SFTCrossEntropyLoss",
     "build_advantage_estimator",
     "build_policy_loss",

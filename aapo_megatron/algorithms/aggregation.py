@@ -1,7 +1,7 @@
 """Global token-mean loss aggregation across micro-batches and data-parallel ranks.
 
 The AAPO/GRPO loss is sum over every completion token of the optimizer step divided by the number of those tokens
-(DESIGN.md section 1), not a per-micro-batch mean. Each micro-batch contributes sum(values * mask) / T with T the
+(docs/algorithms.md), not a per-micro-batch mean. Each micro-batch contributes sum(values * mask) / T with T the
 step's total token count; `grad_scale` undoes whatever averaging the framework applies on top (Megatron's DDP
 averages gradients over DP ranks; its pipeline schedule divides by the number of micro-batches unless
 `calculate_per_token_loss` is set).

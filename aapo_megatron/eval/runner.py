@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from aapo_megatron.eval.metrics import benchmark_metrics
 from aapo_megatron.rollout.engine import GenerationResult, SamplingSpec
-from aapo_megatron.trainer.rollout import completion_texts, correctness_column, flatten
+from aapo_megatron.rewards.registry import correctness_column
+from aapo_megatron.trainer.rollout import completion_texts, flatten
 
 GenerateFn = Callable[[list[list[int]], SamplingSpec], GenerationResult]
 

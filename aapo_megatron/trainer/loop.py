@@ -250,7 +250,7 @@ class TrainingJob:
             self.sampler.load_state_dict(self.state.sampler)
         self.reward_pool = RewardPool(cfg.reward)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-request INFO lines drown the progress
-        from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+        from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 
         needs_reference = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
         self.policy_engine, self.reference_engine = self._open_engines(hf_init, needs_reference)
@@ -539,12 +539,12 @@ class TrainingJob:
             self.metrics = MetricsLogger(self.run_dir, cfg.logging, is_writer=self.is_rank0, run_config=cfg.to_dict(),
                                          resume_step=self.state.sft_step - cfg.trainer.sft_steps if in_sft else resumed_step)
             if resumed_step is None or in_sft:
-                if cfg.trainer.sft_steps > 0 or cfg.algorithm.name == "sft":
+                if cfg.trainer.sft_steps > 0:
                     if self.run_sft(stop) == EXIT_STOPPED:
                         return EXIT_STOPPED
                 self._build_optimizer(total_updates=self._rl_total_updates())
                 resumed_step = None  # from here on, as a fresh run
-            if cfg.algorithm.name == "sft":
+            if cfg.trainer.mode == "sft":
                 self.export_hf(os.path.join(self.run_dir, "hf_final"))
                 log.info("SFT finished; HF export in %s", os.path.join(self.run_dir, "hf_final"))
                 return EXIT_OK

@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from aapo_megatron.config import Config
+from aapo_megatron.rewards.registry import correctness_column
 from aapo_megatron.rollout.engine import Completion, RolloutEngine, SamplingSpec
 from aapo_megatron.trainer.batch import RolloutBatch
 
@@ -66,14 +67,6 @@ def flatten(groups: list[list[Completion]]) -> list[Completion]:
 def completion_texts(tokenizer: Any, completions: Sequence[Completion]) -> list[str]:
     """Decoded completion strings (special tokens dropped)."""
     return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-
-
-def correctness_column(names: Sequence[str]) -> Optional[int]:
-    """Index of the reward function that measures correctness (accuracy or reasoning_gym), if configured."""
-    for preferred in ("accuracy", "reasoning_gym"):
-        if preferred in names:
-            return list(names).index(preferred)
-    return None
 
 
 class RolloutCollector:

@@ -57,7 +57,7 @@ def test_global_token_mean_over_microbatches_and_dp():
         lp = torch.log_softmax(x @ w.t(), -1).gather(-1, target[..., None])[..., 0]
         num = num + (-adv * lp * mask).sum()
         den += float(mask.sum())
-    loss = num / den  # DESIGN.md section 1 over the whole step
+    loss = num / den  # the global token mean over the whole step (docs/algorithms.md)
     loss.backward()
     for tokens, grad, step_loss in results:
         assert tokens == den

@@ -173,6 +173,9 @@ def test_did_you_mean_searches_the_schema_being_loaded():
     with pytest.raises(ConfigError) as err:  # the eval schema has sampling.temperature, not rollout.temperature
         load_eval_config(None, ["temperature=0.5"])
     assert "unknown key 'temperature' (did you mean 'sampling.temperature'?)" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # a training-only key: no suggestion of a key eval does not have
+        load_eval_config(None, ["num_generations=4"])
+    assert str(err.value) == "unknown key 'num_generations'; valid keys here: model, data, sampling, reward, output"
     with pytest.raises(ConfigError) as err:
         load_config(None, ["temperature=0.5"])
     assert "unknown key 'temperature' (did you mean 'rollout.temperature'?)" in str(err.value)

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from aapo_megatron.config import ConfigError
+from aapo_megatron.config.loader import ConfigError
 
 
 def check_finite(value: Any, key: str = "") -> None:
@@ -46,21 +46,21 @@ def check_server_with_sft(cfg: Any) -> None:
     """ConfigError for rollout.placement=server with an SFT warm start when the algorithm samples the reference:
     the reference server serves the model it was started with, which cannot be this run's warm start."""
     a, t = cfg.algorithm, cfg.trainer
-    if cfg.rollout.placement != "server" or t.sft_steps == 0 or a.name == "sft":
+    if cfg.rollout.placement != "server" or t.sft_steps == 0 or t.mode == "sft":
         return
-    from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 
     if ADVANTAGE_ESTIMATORS.get(a.name).uses_reference:
         raise ConfigError(
             f"'trainer.sft_steps' must be 0 with rollout.placement=server and algorithm.name={a.name} (it samples "
             f"the reference), got {t.sft_steps}: the reference server serves the model it was started with, not "
-            f"this run's SFT warm start. Run the SFT first (algorithm.name=sft), serve its hf_final as the "
+            f"this run's SFT warm start. Run the SFT first (trainer.mode=sft), serve its hf_final as the "
             f"reference and start RL from it (model.path)")
 
 
 def check_upfront(cfg: Any) -> None:
     """The checks of a training Config that need the registries (`cfg` is a Config)."""
-    if cfg.algorithm.name != "sft":
+    if cfg.trainer.mode == "rl":
         check_reward_names(cfg.reward.functions)
         from aapo_megatron.algorithms.temperature import logprob_temperature
 

@@ -142,4 +142,4 @@ def test_server_placement_with_sft_warm_start_is_refused_up_front():
     assert load_config(QUICKSTART, server + ["trainer.sft_steps=0"]).trainer.sft_steps == 0
     # grpo never samples the reference, and an SFT-only run starts no engine: both are fine with a warm start.
     assert load_config(QUICKSTART, server + ["algorithm.name=grpo"]).algorithm.name == "grpo"
-    assert load_config(QUICKSTART, server + ["algorithm.name=sft"]).algorithm.name == "sft"
+    assert load_config(QUICKSTART, server + ["trainer.mode=sft"]).trainer.mode == "sft"

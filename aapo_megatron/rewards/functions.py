@@ -12,7 +12,7 @@ from aapo_megatron.rewards.extract import MARKED_EXTRACTORS, extract_with
 from aapo_megatron.rewards.registry import RewardError, RewardInput, register_reward
 
 
-@register_reward("accuracy")
+@register_reward("accuracy", measures_correctness=True)
 def accuracy(x: RewardInput) -> float:
     """1.0 if the final answer (tag or last \\boxed{}) equals sample["answer"] under math-verify, else 0.0.
 
@@ -81,7 +81,7 @@ def _gym_dataset(task: str, args_json: str) -> Any:
     return reasoning_gym.create_dataset(task, size=1, seed=0, **args)
 
 
-@register_reward("reasoning_gym")
+@register_reward("reasoning_gym", measures_correctness=True)
 def reasoning_gym_reward(x: RewardInput) -> float:
     """The reasoning-gym task's own score_answer(answer, entry) in [0, 1]; NaN for prompts not from reasoning-gym."""
     meta = x.sample.get("reasoning_gym")

@@ -1,4 +1,9 @@
-"""Reward function registry: name -> fn(RewardInput) -> float. Custom functions are "pkg.module:fn" paths."""
+"""Reward function registry: name -> fn(RewardInput) -> float. Custom functions are "pkg.module:fn" paths.
+
+The built-ins (rewards/functions.py) register themselves when `aapo_megatron.rewards` is imported; this module
+imports none of them. A function registered with `measures_correctness=True` (1.0 = correct) is what the
+trainer's eval and aapo-eval read as "is it correct".
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,16 @@ import difflib
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-from aapo_megatron.config import RewardConfig
+from aapo_megatron.errors import AapoError
 from aapo_megatron.rewards.extract import completion_answer, gold_answer
 
+if TYPE_CHECKING:
+    from aapo_megatron.config import RewardConfig
 
-class RewardError(RuntimeError):
+
+class RewardError(AapoError, RuntimeError):
     """A reward function or the reward pool cannot run (unknown function, worker that cannot start, bad inputs)."""
 
 
@@ -24,7 +32,7 @@ class RewardInput:
     """Decoded completion text (no prompt)."""
     sample: Mapping[str, Any]
     """The prompt's data: "answer" (ground truth) and, for reasoning-gym prompts, "reasoning_gym"."""
-    cfg: RewardConfig
+    cfg: "RewardConfig"
     """Reward settings (answer tag, cosine curve...)."""
     num_tokens: Optional[int] = None
     """Completion length in tokens, when the caller knows it."""
@@ -53,15 +61,19 @@ class RewardInput:
 RewardFn = Callable[[RewardInput], float]
 
 _REGISTRY: dict[str, RewardFn] = {}
+_CORRECTNESS: list[str] = []  # registration order = preference order
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering `fn(RewardInput) -> float` (NaN = does not apply) under `name`."""
+def register_reward(name: str, *, measures_correctness: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering `fn(RewardInput) -> float` (NaN = does not apply) under `name`;
+    measures_correctness: its 1.0 means "the answer is correct" (see `correctness_column`)."""
 
     def wrap(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise RewardError(f"reward function {name!r} is already registered ({_REGISTRY[name].__module__})")
         _REGISTRY[name] = fn
+        if measures_correctness and name not in _CORRECTNESS:
+            _CORRECTNESS.append(name)
         return fn
 
     return wrap
@@ -69,15 +81,24 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def registered_rewards() -> list[str]:
     """Names of the built-in (and so far registered) reward functions, sorted."""
-    import aapo_megatron.rewards.functions  # noqa: F401  (registers the built-ins)
-
     return sorted(_REGISTRY)
+
+
+def correctness_rewards() -> list[str]:
+    """Registered functions that measure correctness, in preference order (accuracy before reasoning_gym)."""
+    return list(_CORRECTNESS)
+
+
+def correctness_column(names: Sequence[str]) -> Optional[int]:
+    """Index in `names` of the preferred correctness function (1.0 = correct), or None if none is configured."""
+    for preferred in _CORRECTNESS:
+        if preferred in names:
+            return list(names).index(preferred)
+    return None
 
 
 def resolve_reward(name: str) -> RewardFn:
     """The reward function for a config name: a registered name or "pkg.module:attr"."""
-    import aapo_megatron.rewards.functions  # noqa: F401
-
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:

@@ -139,9 +139,9 @@ def check_fits(rollout_cfg: Any, reference: bool = True) -> None:
 def check_job_fits(cfg: Any) -> None:
     """`check_fits` for a training `Config` (aapo-train, before any work): the reference counts when the
     algorithm samples it; SFT starts no engines."""
-    if cfg.algorithm.name == "sft":
+    if cfg.trainer.mode == "sft":
         return
-    from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 
     check_fits(cfg.rollout, ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference)
 

@@ -185,10 +185,11 @@ def colocated_engines(cfg: Config) -> int:
     """vLLM engines that share rank 0's device (0 with rollout servers)."""
     if cfg.rollout.placement != "colocated":
         return 0
-    from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    if cfg.trainer.mode == "sft":
+        return 0
+    from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 
-    needs_reference = cfg.algorithm.name != "sft" and ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
-    return 1 + int(needs_reference) if cfg.algorithm.name != "sft" else 0
+    return 1 + int(ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference)
 
 
 def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, capacity: Optional[int] = None,

@@ -52,7 +52,7 @@ def rebuild_if_missing(job, hf_init: str) -> bool:
     from aapo_megatron.trainer.loop import _broadcast_object
 
     missing = _broadcast_object(not os.path.isdir(hf_init) if job.is_rank0 else None)
-    if not missing or not rebuildable(job.cfg) or job.cfg.algorithm.name == "sft":
+    if not missing or not rebuildable(job.cfg) or job.cfg.trainer.mode == "sft":
         return False
     log.info("%s is missing: rebuilding the frozen reference from the initial weights (%s)", hf_init,
              job.cfg.model.path or "scratch init, trainer.seed")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
-from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 from aapo_megatron.algorithms.temperature import engine_logprobs_mode
 from aapo_megatron.config import Config, ConfigError
 from aapo_megatron.data.dataset import PromptDataset

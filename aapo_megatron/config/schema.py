@@ -1,33 +1,15 @@
-"""Run configuration: nested dataclasses, YAML loading, dotted overrides, validation.
+"""The run configuration's schema: nested dataclasses, one per section, every field with a docstring.
 
-Every field carries a docstring (the string literal under it), in the style of
-torchtitan's job config. `describe()` reads them back for `aapo-train --help-config`.
-
-    cfg = load_config("configs/quickstart_cpu.yaml", ["algorithm.delta_high=0.3"])
-
-Errors are `ConfigError`s whose message names the offending key, e.g.
-``unknown key 'algorithm.delta_hihg' (did you mean 'algorithm.delta_high'?)``.
+Field docstrings (the string literal under each field, in the style of torchtitan's job config) are read back
+by `describe()` for `aapo-train --help-config`. Names of algorithms, losses, architectures and reward functions
+are plain strings here: validation checks them against their registries (`config/validation.py`).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
-import inspect
-import json
-import os
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
-
-import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -37,8 +19,8 @@ class ConfigError(ValueError):
 class ScratchModelConfig:
     """Architecture of a model trained from scratch (the CPU quickstart); ignored when `model.path` is set."""
 
-    architecture: Literal["llama", "qwen2", "qwen3"] = "llama"
-    """HF architecture family whose config is synthesised."""
+    architecture: str = "llama"
+    """HF architecture family whose config is synthesised (a registered model family: llama, qwen2, qwen3)."""
     hidden_size: int = 128
     """Model width."""
     num_layers: int = 2
@@ -91,12 +73,13 @@ class ParallelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Advantage estimator and policy loss (DESIGN.md section 1)."""
+    """Advantage estimator and policy loss (docs/algorithms.md)."""
 
-    name: Literal["aapo", "grpo", "dr_grpo", "sft"] = "aapo"
-    """Algorithm: aapo (paper), grpo / dr_grpo (baselines), sft (supervised warm start)."""
-    loss: Optional[Literal["aapo_ce", "grpo_clip", "sft_ce"]] = None
-    """Policy loss; None picks the algorithm's default (aapo -> aapo_ce, grpo/dr_grpo -> grpo_clip, sft -> sft_ce)."""
+    name: str = "aapo"
+    """Advantage estimator, a registered name: aapo (paper), grpo / dr_grpo / rloo (baselines). A supervised-only
+    run is trainer.mode=sft."""
+    loss: Optional[str] = None
+    """Policy loss, a registered name (aapo_ce, grpo_clip, sft_ce); None picks the estimator's default loss."""
     scale_rewards: bool = True
     """Divide the group-centred reward by the group std (off for Dr. GRPO)."""
     eps: float = 1e-4
@@ -121,7 +104,7 @@ class AlgorithmConfig:
     logprob_temperature: Literal["sampling", "raw"] = "sampling"
     """Log-probs of the loss, the KL and the mismatch metric: sampling = of softmax(logits / rollout.temperature), the distribution sampled from (TRL, the authors' code; vLLM returns processed logprobs); raw = of the logits as they are (T = 1)."""
     loss_aggregation: Optional[Literal["token_mean", "group_token_mean", "constant"]] = None
-    """How token losses are averaged over an update: token_mean (over every token), group_token_mean (token mean inside each prompt group, then the mean over groups: the authors' code), constant (token sum / (rollout.max_new_tokens x sequences): Dr. GRPO). None = constant for dr_grpo, else token_mean (docs/algorithms.md)."""
+    """How token losses are averaged over an update: token_mean (over every token), group_token_mean (token mean inside each prompt group, then the mean over groups: the authors' code), constant (token sum / (rollout.max_new_tokens x sequences): Dr. GRPO). None = the estimator's default (constant for dr_grpo, else token_mean; docs/algorithms.md)."""
 
 
 @dataclass
@@ -274,6 +257,8 @@ class OptimConfig:
 class TrainerConfig:
     """The RL loop."""
 
+    mode: Literal["rl", "sft"] = "rl"
+    """rl: trainer.sft_steps of supervised warm start (if any), then RL; sft: only the trainer.sft_steps of SFT."""
     steps: int = 100
     """RL steps (each: rollouts, rewards, advantages, updates, weight sync)."""
     updates_per_step: int = 1
@@ -302,7 +287,7 @@ class TrainerConfig:
     max_bad_steps: int = 3
     """Stop after this many consecutive steps with a NaN/inf loss or gradient."""
     sft_steps: int = 0
-    """Supervised warm-start steps before RL (algorithm.name=sft runs only these)."""
+    """Supervised warm-start steps before RL (trainer.mode=sft runs only these)."""
     sft_lr: float = 1e-3
     """Learning rate of the SFT warm start (constant; RL uses optim.lr with a fresh optimizer)."""
     sft_batch_size: int = 32
@@ -390,381 +375,11 @@ class Config:
 
     def validate(self, world_size: Optional[int] = None) -> "Config":
         """Check ranges and cross-field constraints; raise ConfigError naming the key. Returns self."""
+        from aapo_megatron.config.validation import validate
+
         validate(self, world_size)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-serialisable)."""
         return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- docs
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: {field name: doc}."""
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = ast.parse(src).body[0].body
-    docs: dict[str, str] = {}
-    for prev, node in zip(body, body[1:]):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = " ".join(node.value.value.split())
-    return docs
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Flattened (dotted key, type, default, doc) for every leaf field."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    default = cls()
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key + "."))
-        else:
-            rows.append((key, _type_name(tp), getattr(default, f.name), docs.get(f.name, "")))
-    return rows
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Build a Config from an optional YAML file plus `a.b=value` overrides, then validate ranges."""
-    cfg = from_dict(Config, load_raw_config(path, overrides))
-    validate(cfg)
-    return cfg
-
-
-def load_raw_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                    values: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The nested dict of an optional YAML file, then `a.b=value` overrides (values parsed as YAML), then
-    `values` ({dotted key: value}, taken as is). Shared by every config class; `from_dict` types it."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
-    for item in overrides or []:
-        key, value = parse_override(item)
-        _set_dotted(raw, key, value)
-    for key, value in (values or {}).items():
-        _set_dotted(raw, key, value)
-    return raw
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`algorithm.delta_high=0.3` -> ("algorithm.delta_high", 0.3); the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return key, value
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Construct dataclass `cls` from a nested dict, checking keys and types."""
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{where}' must be a mapping, got {type(raw).__name__} ({raw!r})")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise ConfigError(_unknown_key_message(prefix + str(key), cls, prefix))
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value if value is not None else {}, prefix + key + ".")
-        else:
-            kwargs[key] = _coerce(value, tp, prefix + key)
-    return cls(**kwargs)
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
-    return keys
-
-
-def _unknown_key_message(key: str, cls: type, prefix: str) -> str:
-    local = [prefix + f.name for f in dataclasses.fields(cls)]
-    candidates = difflib.get_close_matches(key, local, n=1, cutoff=0.6) or difflib.get_close_matches(
-        key, _all_keys(Config), n=1, cutoff=0.6
-    )
-    # A bare leaf name in the wrong section: `delta_high` at top level -> algorithm.delta_high.
-    leaf = key.rsplit(".", 1)[-1]
-    if not candidates:
-        candidates = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == leaf][:1]
-    hint = f" (did you mean '{candidates[0]}'?)" if candidates else ""
-    valid = ", ".join(f.name for f in dataclasses.fields(cls))
-    return f"unknown key '{key}'{hint}; valid keys here: {valid}"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"dict[{_type_name(k)}, {_type_name(v)}]"
-    if origin is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; widen int -> float; raise ConfigError otherwise."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"'{key}' must be one of {', '.join(repr(a) for a in args)}; got {value!r}{hint}")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping ({_type_name(tp)}), got {value!r}")
-        ktp, vtp = args
-        return {_coerce(k, ktp, f"{key}.{k}"): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be a boolean (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
-    raise ConfigError(f"'{key}': unsupported annotation {tp!r}")
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_weight_transport(r: "RolloutConfig") -> None:
-    from aapo_megatron.rollout.transport.registry import CHOICES, check_transport, is_loopback_url
-
-    _check(r.weight_transport in CHOICES, "rollout.weight_transport", f"must be one of {', '.join(CHOICES)}",
-           r.weight_transport)
-    if r.weight_transport != "auto":
-        try:
-            check_transport(r.weight_transport, placement=r.placement,
-                            same_host=r.placement != "server" or is_loopback_url(r.server_url))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-
-def _check(cond: bool, key: str, msg: str, value: Any) -> None:
-    if not cond:
-        raise ConfigError(f"'{key}' {msg}, got {value!r}")
-
-
-def _positive(cfg: Any, section: str, *names: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        _check(v > 0, f"{section}.{name}", "must be > 0", v)
-
-
-def _non_negative(cfg: Any, section: str, *names: str) -> None:
-    for name in names:
-        v = getattr(cfg, name)
-        _check(v >= 0, f"{section}.{name}", "must be >= 0", v)
-
-
-def model_shape(cfg: Config) -> dict[str, int]:
-    """Heads, KV heads and layers of the configured model (reads config.json when `model.path` is an HF dir)."""
-    if cfg.model.path is None:
-        s = cfg.model.scratch
-        return {"num_attention_heads": s.num_attention_heads, "num_key_value_heads": s.num_key_value_heads, "num_layers": s.num_layers}
-    hf_cfg = os.path.join(cfg.model.path, "config.json")
-    if not os.path.isfile(hf_cfg):
-        return {}
-    with open(hf_cfg) as fh:
-        hf = json.load(fh)
-    heads = hf.get("num_attention_heads")
-    return {
-        "num_attention_heads": heads,
-        "num_key_value_heads": hf.get("num_key_value_heads", heads),
-        "num_layers": hf.get("num_hidden_layers"),
-    }
-
-
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Range and cross-field checks. `world_size` (when known) must be divisible by TP*PP."""
-    from aapo_megatron.config_checks import check_finite, check_upfront
-
-    check_finite(cfg)  # inf / NaN anywhere (YAML .inf, --set x=nan), before the range checks below
-    s = cfg.model.scratch
-    _positive(s, "model.scratch", "hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads",
-              "ffn_hidden_size", "vocab_size", "max_position_embeddings", "rope_theta")
-    _check(s.hidden_size % s.num_attention_heads == 0, "model.scratch.hidden_size",
-           f"must be divisible by num_attention_heads={s.num_attention_heads}", s.hidden_size)
-    _check(s.num_attention_heads % s.num_key_value_heads == 0, "model.scratch.num_key_value_heads",
-           f"must divide num_attention_heads={s.num_attention_heads}", s.num_key_value_heads)
-
-    p = cfg.parallel
-    _positive(p, "parallel", "tensor_model_parallel_size", "pipeline_model_parallel_size", "timeout_minutes")
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    shape = model_shape(cfg)
-    if shape.get("num_attention_heads"):
-        heads = shape["num_attention_heads"]
-        _check(heads % tp == 0, "parallel.tensor_model_parallel_size",
-               f"must divide the number of attention heads ({heads})", tp)
-        kv = shape.get("num_key_value_heads") or heads
-        _check(kv % tp == 0, "parallel.tensor_model_parallel_size",
-               f"must divide the number of key/value heads ({kv})", tp)
-    if shape.get("num_layers"):
-        layers = shape["num_layers"]
-        _check(layers % pp == 0, "parallel.pipeline_model_parallel_size",
-               f"must divide the number of layers ({layers})", pp)
-    if world_size is not None:
-        _check(world_size % (tp * pp) == 0, "parallel",
-               f"tensor_model_parallel_size * pipeline_model_parallel_size = {tp * pp} must divide the world size "
-               f"({world_size}); tp={tp}, pp={pp}", world_size)
-    if p.sequence_parallel and tp == 1:
-        raise ConfigError("'parallel.sequence_parallel' needs tensor_model_parallel_size > 1")
-
-    a = cfg.algorithm
-    _positive(a, "algorithm", "eps")
-    _non_negative(a, "algorithm", "delta_low", "delta_high", "clip_eps_low", "clip_eps_high", "kl_beta")
-    _check(a.clip_eps_low < 1, "algorithm.clip_eps_low", "must be < 1", a.clip_eps_low)
-
-    r = cfg.rollout
-    _positive(r, "rollout", "num_generations", "max_new_tokens", "weight_sync_bucket_mb", "weight_sync_timeout_s",
-              "server_timeout_s", "tensor_parallel_size", "data_parallel_size")
-    _non_negative(r, "rollout", "temperature")
-    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
-    _check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0", r.top_k)
-    _check(0 < r.memory_fraction < 1, "rollout.memory_fraction", "must be in (0, 1)", r.memory_fraction)
-    if a.name in ("aapo", "grpo") and a.scale_rewards:
-        _check(r.num_generations >= 2, "rollout.num_generations",
-               f"must be >= 2 when algorithm.scale_rewards is on (the group std of one sample is undefined; "
-               f"algorithm={a.name})", r.num_generations)
-    if r.placement == "server" and not r.server_url:
-        raise ConfigError("'rollout.server_url' is required when rollout.placement is 'server'")
-    _check_weight_transport(r)
-    from aapo_megatron.rollout.layout import check_layout
-
-    check_layout(r, shape.get("num_attention_heads"), shape.get("num_key_value_heads"))
-
-    w = cfg.reward
-    _positive(w, "reward", "num_workers", "timeout_s", "cosine_max_len")
-    if a.name != "sft":
-        _check(len(w.functions) > 0, "reward.functions", "must name at least one reward function", w.functions)
-
-    d = cfg.data
-    _positive(d, "data", "prompts_per_step", "max_prompt_tokens", "train_size")
-    _non_negative(d, "data", "eval_size")
-    if d.source in ("jsonl", "parquet") and a.name != "sft" and cfg.trainer.steps > 0:
-        _check(d.train_path is not None, "data.train_path", f"is required when data.source is '{d.source}'", d.train_path)
-
-    o = cfg.optim
-    _positive(o, "optim", "lr", "adam_eps")
-    _non_negative(o, "optim", "min_lr", "warmup_steps", "weight_decay", "clip_grad")
-    _check(0 <= o.adam_beta1 < 1, "optim.adam_beta1", "must be in [0, 1)", o.adam_beta1)
-    _check(0 <= o.adam_beta2 < 1, "optim.adam_beta2", "must be in [0, 1)", o.adam_beta2)
-    _check(o.min_lr <= o.lr, "optim.min_lr", f"must be <= optim.lr ({o.lr})", o.min_lr)
-
-    t = cfg.trainer
-    _non_negative(t, "trainer", "steps", "eval_every", "sft_steps")
-    _positive(t, "trainer", "sft_lr", "sft_batch_size")
-    _check("{answer}" in t.sft_target, "trainer.sft_target", "must contain the placeholder {answer}", t.sft_target)
-    _positive(t, "trainer", "updates_per_step", "micro_batch_tokens", "max_bad_steps", "pack_factor")
-    from aapo_megatron.models.activation_memory import validate_recompute
-
-    validate_recompute(t, shape.get("num_layers"), pp)
-    n_samples = d.prompts_per_step * r.num_generations
-    _check(n_samples % t.updates_per_step == 0, "trainer.updates_per_step",
-           f"must divide prompts_per_step * num_generations = {n_samples}", t.updates_per_step)
-
-    c = cfg.checkpoint
-    _non_negative(c, "checkpoint", "save_every")
-    _positive(c, "checkpoint", "keep_last")
-    _positive(cfg.plan, "plan", "device_memory_gb")
-    _non_negative(cfg.plan, "plan", "reserve_gb")
-    check_upfront(cfg)  # reward names against the registry, server placement with SFT
-
-
-def dump_yaml(cfg: Config) -> str:
-    """YAML text of a config (round-trips through load_config)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -105,7 +105,7 @@ def test_a_killed_replica_is_restarted_alone_and_serves_the_same_samples(replica
 
     _, models = model_dirs
     first, second = replicas.replicas
-    replicas.update_weights(hf_named_tensors(models["b"]))
+    replicas.update_weights(hf_named_tensors(models["b"]))  # not the checkpoint: a restart alone would not serve it
     before = replicas.generate(PROMPTS5, SPEC)
     cfg = Config()
     side = RolloutSide(cfg, None, True)
@@ -132,3 +132,4 @@ def test_a_killed_replica_is_restarted_alone_and_serves_the_same_samples(replica
     assert replicas.alive() == [True, True] and replicas.versions() == [resyncs[0]] * 2
     assert samples(after) == samples(before), "the same samples for the same seeds and weights"
     assert after.weight_version == resyncs[0]
+    replicas.update_weights(hf_named_tensors(models["a"]))  # later modules expect the session engine to serve A

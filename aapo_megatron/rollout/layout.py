@@ -1,7 +1,8 @@
 """Where the colocated rollout engines run: `rollout.tensor_parallel_size` x `rollout.data_parallel_size`.
 
 Each role (policy, reference) gets `data_parallel_size` replicas, one vLLM engine per TP group of
-`tensor_parallel_size` ranks; the replicas of a role form a `ReplicaSet` (`rollout/replicas.py`).
+`tensor_parallel_size` ranks; the replicas of a role form a `ReplicaSet` (`rollout/replicas.py`), which
+restarts a dead replica alone, with the placement it had.
 
 - GPU: replica r of each role runs on the job's GPUs r*TP .. (r+1)*TP - 1 of rank 0's node (its
   CUDA_VISIBLE_DEVICES while it starts); the policy and the reference replica on a GPU group time-share it
@@ -186,5 +187,6 @@ def open_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True,
     if dp == 1:
         return built[0][0], built[1][0] if reference else None
     labels = [[" ".join(f"{k}={v}" for k, v in env.items()) for env in role] for role in places]
-    return (ReplicaSet(built[0], "policy", labels[0]),
-            ReplicaSet(built[1], "reference", labels[1]) if reference else None)
+    return (ReplicaSet(built[0], "policy", labels[0], restart=lambda r: start("policy", places[0][r])),
+            ReplicaSet(built[1], "reference", labels[1], restart=lambda r: start("reference", places[1][r]))
+            if reference else None)

@@ -35,8 +35,8 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Optional[list[str]] = None) -> int:
     """aapo-train --config X.yaml [--set k=v ...] [--resume auto]."""
-    from aapo_megatron.config import ConfigError, describe, load_config
-    from aapo_megatron.config_checks import check_input_files
+    from aapo_megatron.config import ConfigError, describe
+    from aapo_megatron.validation import check_input_files, load_config
 
     args = _train_parser().parse_args(argv)
     if args.help_config:

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     import importlib.util
 
-    from aapo_megatron.config import ConfigError, load_config
+    from aapo_megatron.config import ConfigError
+    from aapo_megatron.validation import load_config
 
     # In a container job this runs on the host's python, which may lack torch: the algorithm and loss names are
     # then checked by aapo-train when it starts (still exit 2 before any work), everything else here.

@@ -10,9 +10,9 @@ from aapo_megatron.config import (
     describe,
     dump_yaml,
     field_docs,
-    load_config,
     parse_override,
 )
+from aapo_megatron.validation import load_config, validate
 
 
 def _write(tmp_path, text, name="c.yaml"):
@@ -102,9 +102,9 @@ def test_kv_heads_must_be_divisible_by_tp():
 def test_world_size_must_be_divisible_by_tp_times_pp():
     cfg = load_config(None, ["data.source=reasoning_gym", "parallel.tensor_model_parallel_size=2",
                              "parallel.pipeline_model_parallel_size=2"])
-    cfg.validate(world_size=8)
+    validate(cfg, world_size=8)
     with pytest.raises(ConfigError, match=r"= 4 must divide the world size \(6\); tp=2, pp=2"):
-        cfg.validate(world_size=6)
+        validate(cfg, world_size=6)
 
 
 def test_hf_model_shape_is_read_from_config_json(tmp_path):

@@ -2,7 +2,7 @@
 
 Field docstrings (the string literal under each field, in the style of torchtitan's job config) are read back
 by `describe()` for `aapo-train --help-config`. Names of algorithms, losses, architectures and reward functions
-are plain strings here: validation checks them against their registries (`config/validation.py`).
+are plain strings here: `aapo_megatron.validation` checks them against their registries.
 """
 
 from __future__ import annotations
@@ -372,13 +372,6 @@ class Config:
     """Metrics."""
     plan: PlanConfig = field(default_factory=PlanConfig)
     """Memory plan."""
-
-    def validate(self, world_size: Optional[int] = None) -> "Config":
-        """Check ranges and cross-field constraints; raise ConfigError naming the key. Returns self."""
-        from aapo_megatron.config.validation import validate
-
-        validate(self, world_size)
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-serialisable)."""

@@ -3,7 +3,7 @@
     cfg = load_eval_config("configs/eval/math.yaml", ["sampling.n=8", "sampling.temperature=0.6"])
 
 The same loader as `aapo-train` (`config.load`): `--set key=value` overrides, errors naming the key, and a
-did-you-mean drawn from this schema. The sampling ranges are the training rollout's (`config.check_sampling`).
+did-you-mean drawn from this schema. The sampling ranges are the training rollout's (`config.checks.check_sampling`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from aapo_megatron.config import ConfigError, RewardConfig, load  # noqa: F401  (ConfigError: re-exported)
-from aapo_megatron.config.validation import check, check_sampling
+from aapo_megatron.config.checks import check, check_finite, check_sampling
 
 
 @dataclass
@@ -119,7 +119,7 @@ class EvalConfig:
 
 def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     """Range checks; ConfigError naming the key. Returns cfg."""
-    from aapo_megatron.config_checks import check_finite, check_reward_names
+    from aapo_megatron.validation import check_reward_names
 
     check_finite(cfg)
     s = cfg.sampling

@@ -120,11 +120,11 @@ class RolloutSide:
             from aapo_megatron.rollout.client import connect_servers  # the HTTP client stack, server runs only
 
             # A warm start (trainer.sft_steps > 0) with a reference server is refused in validation
-            # (config_checks.check_server_with_sft).
+            # (validation.check_server_with_sft).
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size)
-        from aapo_megatron.rollout.layout import open_engines  # vLLM, colocated runs only
+        from aapo_megatron.rollout.colocated import open_engines  # vLLM, colocated runs only
 
         log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")
         return open_engines(self.hf_init, cfg.rollout, reference=reference,

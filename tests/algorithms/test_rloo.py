@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS, build_advantage_estimator, default_loss_name
-from aapo_megatron.config import AlgorithmConfig, ConfigError, load_config
+from aapo_megatron.config import AlgorithmConfig, ConfigError
+from aapo_megatron.validation import load_config
 
 
 @pytest.mark.parametrize("backend", ["compiled", "reference"])

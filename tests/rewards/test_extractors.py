@@ -3,7 +3,8 @@ marked_answer style, on real math-verify and reasoning-gym: what an instruct mod
 
 import pytest
 
-from aapo_megatron.config import ConfigError, RewardConfig, load_config
+from aapo_megatron.config import ConfigError, RewardConfig
+from aapo_megatron.validation import load_config
 from aapo_megatron.rewards import RewardInput, resolve_reward
 from aapo_megatron.rewards.extract import completion_answer, last_number
 

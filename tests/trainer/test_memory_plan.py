@@ -31,7 +31,7 @@ CASES = {"quickstart": (128, 1024, 24), "smollm2": (128, 512, 12)}
 
 
 def _config(model: str, tp: int, pp: int, extra: tuple = ()):
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
 
     seq_len, mbt, _ = CASES[model]
     overrides = [*extra, f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",

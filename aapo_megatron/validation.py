@@ -1,50 +1,29 @@
-"""Validation of a loaded training Config: ranges, cross-field constraints, names against their registries.
+"""Validation of a loaded training Config against the code: cross-field constraints and the names the config
+holds (algorithm, loss, model family, weight transport, reward functions) checked against their registries.
 
-Every check raises `ConfigError` naming the key. The sampling range checks (`check_sampling`) are shared
-with aapo-eval's config. Algorithm, loss, architecture and reward names are plain strings in the schema and
-are checked here against the registries that define them; each advantage estimator adds its own checks
-(`AdvantageEstimator.check_config`).
+`load_config` loads and validates; `validate` runs every check, in this order: non-finite numbers, the model,
+the parallel layout, then each section's ranges (`config.checks`), the rollout layout, the estimator's own checks
+(`AdvantageEstimator.check_config`) and the up-front checks beyond single fields (`check_upfront`: reward names,
+greedy rollouts with sampling, server placement with an SFT warm start). `aapo-train` calls `check_input_files`
+right after loading the config (validation itself stays independent of the machine, so that configs naming data
+on a cluster filesystem load anywhere). Either way a mistake exits 2 (`ConfigError`, naming the key) before any
+tokenizer, model, SFT step, engine or data loading starts.
+
+This module sits above the registries it checks against (algorithms, models, rollout, rewards, data); the
+schema and the loader (`aapo_megatron.config`) stay below everything. It imports torch only through the
+registered estimators and losses: `registries=False` skips those checks, for a login node's python without torch.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-from aapo_megatron.config.loader import ConfigError
+from aapo_megatron.config.checks import check, check_finite, check_sampling, non_negative, positive
+from aapo_megatron.config.loader import ConfigError, load
 from aapo_megatron.config.schema import Config, RolloutConfig
 from aapo_megatron.errors import BadInputError
-
-
-def check(cond: bool, key: str, msg: str, value: Any) -> None:
-    """ConfigError "'key' msg, got value" unless `cond`."""
-    if not cond:
-        raise ConfigError(f"'{key}' {msg}, got {value!r}")
-
-
-def positive(cfg: Any, section: str, *names: str) -> None:
-    """Each named field of `cfg` must be > 0 (keys reported as section.name)."""
-    for name in names:
-        v = getattr(cfg, name)
-        check(v > 0, f"{section}.{name}", "must be > 0", v)
-
-
-def non_negative(cfg: Any, section: str, *names: str) -> None:
-    """Each named field of `cfg` must be >= 0 (keys reported as section.name)."""
-    for name in names:
-        v = getattr(cfg, name)
-        check(v >= 0, f"{section}.{name}", "must be >= 0", v)
-
-
-def check_sampling(section: str, *, temperature: Optional[float], top_p: float, top_k: int,
-                   max_new_tokens: int) -> None:
-    """The sampling ranges shared by training rollouts and aapo-eval: temperature >= 0 (None = a default),
-    top_p in (0, 1], top_k -1 or > 0, max_new_tokens (tokens) >= 1; keys reported as section.name."""
-    check(temperature is None or temperature >= 0, f"{section}.temperature", "must be >= 0", temperature)
-    check(0 < top_p <= 1, f"{section}.top_p", "must be in (0, 1]", top_p)
-    check(top_k == -1 or top_k > 0, f"{section}.top_k", "must be -1 (off) or > 0", top_k)
-    check(max_new_tokens >= 1, f"{section}.max_new_tokens", "must be >= 1", max_new_tokens)
 
 
 def registered(registry: Any, name: str, key: str) -> Any:
@@ -151,8 +130,6 @@ def _check_parallel(cfg: Config, shape: dict[str, int], world_size: Optional[int
 def validate(cfg: Config, world_size: Optional[int] = None, registries: bool = True) -> None:
     """Range and cross-field checks. `world_size` (when known) must be divisible by TP*PP. registries=False skips
     the checks that import the registered estimators and losses (they need torch), for a login node's python."""
-    from aapo_megatron.config_checks import check_finite, check_upfront
-
     check_finite(cfg)  # inf / NaN anywhere (YAML .inf, --set x=nan), before the range checks below
     _check_model(cfg)
     shape = model_shape(cfg)
@@ -222,6 +199,59 @@ def validate(cfg: Config, world_size: Optional[int] = None, registries: bool = T
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, registries: bool = True) -> Config:
     """A validated training Config from an optional YAML file plus `a.b=value` overrides (`validate`)."""
-    from aapo_megatron.config.loader import load
-
     return load(Config, path, overrides, validate=lambda cfg: validate(cfg, registries=registries))
+
+
+def check_reward_names(functions: Mapping[str, float], key: str = "reward.functions") -> None:
+    """ConfigError unless every name is a registered reward function or an importable "pkg.module:fn"."""
+    from aapo_megatron.rewards.registry import RewardError, resolve_reward
+
+    for name in functions:
+        try:
+            resolve_reward(name)
+        except RewardError as exc:
+            raise ConfigError(f"'{key}.{name}': {exc}") from None
+
+
+def check_server_with_sft(cfg: Any) -> None:
+    """ConfigError for rollout.placement=server with an SFT warm start when the algorithm samples the reference:
+    the reference server serves the model it was started with, which cannot be this run's warm start."""
+    a, t = cfg.algorithm, cfg.trainer
+    if cfg.rollout.placement != "server" or t.sft_steps == 0 or t.mode == "sft":
+        return
+    from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
+
+    if ADVANTAGE_ESTIMATORS.get(a.name).uses_reference:
+        raise ConfigError(
+            f"'trainer.sft_steps' must be 0 with rollout.placement=server and algorithm.name={a.name} (it samples "
+            f"the reference), got {t.sft_steps}: the reference server serves the model it was started with, not "
+            f"this run's SFT warm start. Run the SFT first (trainer.mode=sft), serve its hf_final as the "
+            f"reference and start RL from it (model.path)")
+
+
+def check_upfront(cfg: Any) -> None:
+    """The checks of a training Config that need the registries (`cfg` is a Config)."""
+    if cfg.trainer.mode == "rl":
+        check_reward_names(cfg.reward.functions)
+        from aapo_megatron.algorithms.temperature import logprob_temperature
+
+        logprob_temperature(cfg)  # sampling with greedy rollouts (rollout.temperature 0) is refused
+    check_server_with_sft(cfg)
+
+
+def check_input_files(cfg: Any) -> None:
+    """ConfigError unless `data.train_path` / `data.eval_path` (file sources) exist and can be opened (and a
+    *.gz one is gzip data); `cfg` is a Config."""
+    data = cfg.data
+    if data.source not in ("jsonl", "parquet"):
+        return
+    from aapo_megatron.data.readers import DataError, check_readable
+
+    for name in ("train_path", "eval_path"):
+        path = getattr(data, name)
+        if path is None:
+            continue
+        try:
+            check_readable(path)
+        except DataError as exc:
+            raise ConfigError(f"'data.{name}': {exc}") from None

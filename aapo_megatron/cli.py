@@ -40,7 +40,13 @@ def train_main(argv: Optional[list[str]] = None) -> int:
 
     args = _train_parser().parse_args(argv)
     if args.help_config:
-        for key, tp, default, doc in describe():
+        from aapo_megatron.rewards.registry import options_class, registered_rewards
+
+        rows = describe()
+        for name in registered_rewards():  # each function's own reward.options.<name> keys
+            if options_class(name) is not None:
+                rows += describe(options_class(name), prefix=f"reward.options.{name}.")
+        for key, tp, default, doc in rows:
             print(f"{key} ({tp}, default {default!r})\n    {doc}")
         return EXIT_OK
     overrides = list(args.overrides)

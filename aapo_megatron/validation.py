@@ -157,7 +157,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, registries: bool = T
         check_algorithm(cfg)
 
     w = cfg.reward
-    positive(w, "reward", "num_workers", "timeout_s", "cosine_max_len")
+    positive(w, "reward", "num_workers", "timeout_s")
     if rl:
         check(len(w.functions) > 0, "reward.functions", "must name at least one reward function", w.functions)
 
@@ -213,6 +213,20 @@ def check_reward_names(functions: Mapping[str, float], key: str = "reward.functi
             raise ConfigError(f"'{key}.{name}': {exc}") from None
 
 
+def check_reward_options(reward: Any, key: str = "reward") -> None:
+    """ConfigError unless every `reward.options.<fn>` names a function of reward.functions and holds only that
+    function's declared options, with valid values (`reward` is a RewardConfig)."""
+    from aapo_megatron.rewards.registry import build_options
+
+    for name in reward.options:
+        if name not in reward.functions:
+            raise ConfigError(f"'{key}.options.{name}': {name!r} is not one of {key}.functions "
+                              f"({', '.join(reward.functions)}); options sit under a configured function")
+        options = build_options(name, reward)
+        if hasattr(options, "check"):
+            options.check(f"{key}.options.{name}.")
+
+
 def check_server_with_sft(cfg: Any) -> None:
     """ConfigError for rollout.placement=server with an SFT warm start when the algorithm samples the reference:
     the reference server serves the model it was started with, which cannot be this run's warm start."""
@@ -233,6 +247,7 @@ def check_upfront(cfg: Any) -> None:
     """The checks of a training Config that need the registries (`cfg` is a Config)."""
     if cfg.trainer.mode == "rl":
         check_reward_names(cfg.reward.functions)
+        check_reward_options(cfg.reward)
         from aapo_megatron.algorithms.temperature import logprob_temperature
 
         logprob_temperature(cfg)  # sampling with greedy rollouts (rollout.temperature 0) is refused

@@ -170,6 +170,9 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str, cls: type, prefix: str, root: type) -> str:
+    moved = getattr(cls, "MOVED_KEYS", {}).get(key[len(prefix):])
+    if moved is not None:
+        return f"'{key}' has moved: set '{prefix}{moved}' instead"
     local = [prefix + f.name for f in dataclasses.fields(cls)]
     every = _all_keys(root)
     candidates = difflib.get_close_matches(key, local, n=1, cutoff=0.6) or difflib.get_close_matches(

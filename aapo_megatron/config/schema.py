@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 # --------------------------------------------------------------------------- sections
@@ -165,28 +165,22 @@ class RewardConfig:
     """Extract the answer from <tag>...</tag> instead of the last \\boxed{}."""
     answer_extractors: Optional[list[Literal["boxed", "tag", "last_number"]]] = None
     """Where the answer is read, tried in order, first hit wins: boxed = last \\boxed{}, tag = last <answer_tag> (default answer), last_number = the final number in the text (instruct models). None: tag when answer_tag is set, else boxed."""
-    format_style: Literal["think_answer", "think_close", "marked_answer"] = "think_answer"
-    """format: think_answer = the whole completion is <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer> (open-r1); think_close = exactly one "\\n</think>\\n" (open-rs, where the chat template opens <think>); marked_answer = the answer is marked by a boxed or tag extractor of answer_extractors (instruct models)."""
     num_workers: int = 2
     """Reward worker processes."""
     timeout_s: float = 10.0
     """Per-sample reward timeout, seconds. A worker still busy after it is killed and replaced."""
     on_failure: Literal["nan", "zero"] = "zero"
     """Reward given to a sample whose reward timed out or crashed."""
-    cosine_min_value_wrong: float = 0.0
-    """cosine_length: reward of a wrong answer at length 0 (open-rs default)."""
-    cosine_max_value_wrong: float = -0.5
-    """cosine_length: reward of a wrong answer at cosine_max_len (open-rs default)."""
-    cosine_min_value_correct: float = 0.5
-    """cosine_length: reward of a correct answer at cosine_max_len."""
-    cosine_max_value_correct: float = 1.0
-    """cosine_length: reward of a correct answer at length 0."""
-    cosine_max_len: int = 1000
-    """cosine_length: length where the curve ends, in cosine_length_unit."""
-    cosine_length_unit: Literal["chars", "tokens"] = "chars"
-    """cosine_length: measure completions in characters (open-rs) or completion tokens."""
-    cosine_clip_length: bool = True
-    """cosine_length: hold the reward at its cosine_max_len value beyond it; false reproduces open-rs, whose cosine keeps oscillating."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-function options, under their function: reward.options.<function>.<key>, e.g. reward.options.format.style=marked_answer, reward.options.cosine_length.max_len=400. Each function declares its own (rewards/functions.py; docs/rewards_and_data.md lists them)."""
+
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "format_style": "options.format.style",
+        **{f"cosine_{k}": f"options.cosine_length.{k}" for k in (
+            "min_value_wrong", "max_value_wrong", "min_value_correct", "max_value_correct", "max_len",
+            "length_unit", "clip_length")},
+    }
+    """Old flat keys -> where they live now (the loader names the new key in its error)."""
 
 
 @dataclass

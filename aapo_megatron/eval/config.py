@@ -119,7 +119,7 @@ class EvalConfig:
 
 def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     """Range checks; ConfigError naming the key. Returns cfg."""
-    from aapo_megatron.validation import check_reward_names
+    from aapo_megatron.validation import check_reward_names, check_reward_options
 
     check_finite(cfg)
     s = cfg.sampling
@@ -138,6 +138,7 @@ def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", cfg.reward.timeout_s)
     check(bool(cfg.reward.functions), "reward.functions", "must name at least one reward function", cfg.reward.functions)
     check_reward_names(cfg.reward.functions)  # before the next check: a misspelling gets a did-you-mean
+    check_reward_options(cfg.reward)
     from aapo_megatron.rewards.registry import correctness_column, correctness_rewards
 
     check(correctness_column(list(cfg.reward.functions)) is not None, "reward.functions",

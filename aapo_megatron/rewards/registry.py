@@ -38,6 +38,14 @@ class RewardInput:
     """Completion length in tokens, when the caller knows it."""
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def options(self, name: str) -> Any:
+        """Reward function `name`'s options: its declared dataclass, `reward.options.<name>` over the defaults
+        (a custom function without a declared class gets its mapping as written). Memoised."""
+        key = f"options:{name}"
+        if key not in self._memo:
+            self._memo[key] = build_options(name, self.cfg)
+        return self._memo[key]
+
     def answer(self) -> Optional[str]:
         """The completion's final answer (reward.answer_extractors in order; default tag if set, else last \\boxed{}), or None."""
         if "answer" not in self._memo:
@@ -62,11 +70,15 @@ RewardFn = Callable[[RewardInput], float]
 
 _REGISTRY: dict[str, RewardFn] = {}
 _CORRECTNESS: list[str] = []  # registration order = preference order
+_OPTIONS: dict[str, type] = {}  # name -> the dataclass of its reward.options.<name>
 
 
-def register_reward(name: str, *, measures_correctness: bool = False) -> Callable[[RewardFn], RewardFn]:
+def register_reward(name: str, *, measures_correctness: bool = False,
+                    options: Optional[type] = None) -> Callable[[RewardFn], RewardFn]:
     """Decorator registering `fn(RewardInput) -> float` (NaN = does not apply) under `name`;
-    measures_correctness: its 1.0 means "the answer is correct" (see `correctness_column`)."""
+    measures_correctness: its 1.0 means "the answer is correct" (see `correctness_column`);
+    options: a dataclass of the function's own settings, set as `reward.options.<name>.<field>` (its fields'
+    docstrings document them; an optional `check(prefix)` method adds range checks)."""
 
     def wrap(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
@@ -74,9 +86,28 @@ def register_reward(name: str, *, measures_correctness: bool = False) -> Callabl
         _REGISTRY[name] = fn
         if measures_correctness and name not in _CORRECTNESS:
             _CORRECTNESS.append(name)
+        if options is not None:
+            _OPTIONS[name] = options
         return fn
 
     return wrap
+
+
+def options_class(name: str) -> Optional[type]:
+    """The options dataclass registered with reward function `name`, or None (it takes none, or is custom)."""
+    return _OPTIONS.get(name)
+
+
+def build_options(name: str, cfg: "RewardConfig") -> Any:
+    """`reward.options.<name>` as the function's options dataclass (defaults for what is unset); ConfigError naming
+    the key for an unknown field or a bad value. A function without a registered class gets the mapping as is."""
+    from aapo_megatron.config.loader import from_dict
+
+    raw = (cfg.options or {}).get(name) or {}
+    cls = options_class(name)
+    if cls is None:
+        return dict(raw)
+    return from_dict(cls, raw, prefix=f"reward.options.{name}.")
 
 
 def registered_rewards() -> list[str]:

@@ -65,7 +65,7 @@ def test_rloo_end_to_end_on_the_quickstart(tmp_path):
              "rollout.num_generations=4", "rollout.max_new_tokens=4", "trainer.eval_every=0",
              "checkpoint.save_every=0", "logging.tensorboard=false", "logging.plots=false",
              # character-length reward: groups differ even though the model is never correct
-             "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.cosine_max_len=20"]
+             "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.options.cosine_length.max_len=20"]
     args = [os.path.join(os.path.dirname(sys.executable), "aapo-train"), "--config",
             os.path.join(root, "configs", "quickstart_cpu.yaml")]
     for item in small:

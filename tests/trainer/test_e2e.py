@@ -30,8 +30,8 @@ TINY = [
     "rollout.num_generations=4", "rollout.max_new_tokens=6",
     # cosine_length on characters varies with the sampled text, so groups have reward variance even
     # though a 3-step SFT model is never correct: the updates are not all zero.
-    "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.cosine_max_len=40",
-    "reward.cosine_length_unit=chars", "trainer.eval_every=0", "optim.lr=1e-3", "logging.tensorboard=false",
+    "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.options.cosine_length.max_len=40",
+    "reward.options.cosine_length.length_unit=chars", "trainer.eval_every=0", "optim.lr=1e-3", "logging.tensorboard=false",
 ]
 
 

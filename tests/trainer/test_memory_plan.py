@@ -169,7 +169,8 @@ COLOCATED_70B = ["rollout.placement=colocated", "rollout.tensor_parallel_size=8"
 
 
 def test_colocated_70b_variant_fits_with_rollout_tp8_and_tp1_is_refused_naming_the_key():
-    from aapo_megatron.config import ConfigError, load_config
+    from aapo_megatron.config import ConfigError
+    from aapo_megatron.validation import load_config
     from aapo_megatron.rollout.layout import gpu_groups
     from aapo_megatron.trainer.memory_plan import check_plan
 

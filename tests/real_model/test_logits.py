@@ -2,8 +2,9 @@
 
 Three chat-templated prompts through the real tokenizer (right-padded batch), weights loaded the trainer's way.
 TP=3, not TP=2: Megatron needs TP to divide both the 9 query heads and the 3 KV heads (whole query groups per
-rank), so 3 is the only TP > 1 this model allows. Tolerance: max |megatron - hf| < 2e-3 over every real
-token's 49152 logits (fp32 summation order over 30 layers; logits reach |x| ~ 30), and the same top-1 token.
+rank), so 3 is the only TP > 1 this model allows. Tolerance: max |megatron - hf| < 1e-3 over every real
+token's 49152 logits (|logit| reaches ~42) and the same top-1 token everywhere. Measured: 0 at TP=1 (the same
+fp32 ops in the same order), 1.2e-4 at TP=3 (the row-parallel all-reduces sum in another order, over 30 layers).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-ATOL = 2e-3
+ATOL = 1e-3
 
 
 def _compare(logits: torch.Tensor, ref: torch.Tensor, tp: int) -> None:

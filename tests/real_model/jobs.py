@@ -10,6 +10,7 @@ models.weights). Rank 0 returns everything; the parent compares with HF transfor
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -66,7 +67,8 @@ def engine_job(rank: int, world_size: int, hf_dir: str, ids: torch.Tensor, pad: 
     """TP=1: logits, then greedy vLLM output before and after `sync_to_engine`, and the eval path's scored samples.
 
     Returns {"tp", "logits" [N, V], "before" / "after" (token ids per benchmark item), "prompt_ids" (the eval
-    path's, per item), "scored" (`generate_and_score`'s samples per item), "weight_version"}.
+    path's, per item), "scored" (`generate_and_score`'s samples per item), "weight_version", "logprobs" (per item: a second
+    greedy completion's ids and vLLM's log-prob of each)}.
     """
     from aapo_megatron.config import RewardConfig
     from aapo_megatron.data.tokenizer import load_tokenizer
@@ -101,6 +103,8 @@ def engine_job(rank: int, world_size: int, hf_dir: str, ids: torch.Tensor, pad: 
         out["before"] = [g[0].token_ids for g in engine.generate(prompts, greedy).completions]
         sync_to_engine(engine, model, mapping, None, gathers=True, group=None)
         out["weight_version"] = engine.weight_version
+        with_logprobs = engine.generate(prompts, dataclasses.replace(greedy, logprobs=True)).completions
+        out["logprobs"] = [(g[0].token_ids, g[0].logprobs) for g in with_logprobs]
         generated = {}
 
         def generate(batch, sampling):

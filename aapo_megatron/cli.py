@@ -56,8 +56,11 @@ def train_main(argv: Optional[list[str]] = None) -> int:
 
     if args.plan:  # plans a run whose data and checkpoint may not exist yet
         return _print_plan(cfg, args.world_size or launch_world_size())
+    from aapo_megatron.rollout.layout import check_job_fits
+
     try:
         check_input_files(cfg)  # data files exist and open, before any rank loads a tokenizer or a model
+        check_job_fits(cfg)  # rollout TP x DP against this job's GPUs / cores
         if cfg.plan.enforce:
             check_plan(cfg)
     except ConfigError as exc:

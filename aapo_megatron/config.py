@@ -118,6 +118,10 @@ class AlgorithmConfig:
     grpo_clip). > 0 builds the Megatron reference (one more copy of the weights, one forward per step)."""
     reference_kl: bool = False
     """Build the frozen Megatron reference even with kl_beta = 0, only to log kl/reference (costs its memory)."""
+    logprob_temperature: Literal["sampling", "raw"] = "sampling"
+    """Log-probs of the loss, the KL and the mismatch metric: sampling = of softmax(logits / rollout.temperature), the distribution sampled from (TRL, the authors' code; vLLM returns processed logprobs); raw = of the logits as they are (T = 1)."""
+    loss_aggregation: Optional[Literal["token_mean", "group_token_mean", "constant"]] = None
+    """How token losses are averaged over an update: token_mean (over every token), group_token_mean (token mean inside each prompt group, then the mean over groups: the authors' code), constant (token sum / (rollout.max_new_tokens x sequences): Dr. GRPO). None = constant for dr_grpo, else token_mean (docs/algorithms.md)."""
 
 
 @dataclass
@@ -162,6 +166,10 @@ class RolloutConfig:
     """Generate the reference responses at the same time as the policy's (two engines). On CPU the colocated engines then get disjoint halves of the cores; false runs them one after the other on vLLM's default binding."""
     prefetch_reference: Literal["auto", "always", "never"] = "auto"
     """While a step trains, sample the next step's reference responses (AAPO). The reference is frozen and the next prompts and seed are known, so the samples are the ones the next step would draw. auto = when the reference engine has its own machine (placement=server); colocated on CPU it would take cores from the train step."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism of each colocated engine (policy and reference): ranks per engine, each on its own GPU (CPU: its own cores). Must divide the model's heads."""
+    data_parallel_size: int = 1
+    """Colocated engine replicas per role (policy and reference); the prompts of a batch are split across them and the samples equal one engine's. TP x DP must fit the job's GPUs on rank 0's node (CPU: its cores, x2 with overlap_reference). docs/rollout.md."""
 
 
 @dataclass
@@ -172,8 +180,10 @@ class RewardConfig:
     """Reward function name -> weight. Built in: accuracy, format, cosine_length, reasoning_gym; "pkg.module:fn" imports a custom one. Rewards combine as a NaN-ignoring weighted sum."""
     answer_tag: Optional[str] = None
     """Extract the answer from <tag>...</tag> instead of the last \\boxed{}."""
-    format_style: Literal["think_answer", "think_close"] = "think_answer"
-    """format: think_answer = the whole completion is <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer> (open-r1); think_close = exactly one "\\n</think>\\n" (open-rs, where the chat template opens <think>)."""
+    answer_extractors: Optional[list[Literal["boxed", "tag", "last_number"]]] = None
+    """Where the answer is read, tried in order, first hit wins: boxed = last \\boxed{}, tag = last <answer_tag> (default answer), last_number = the final number in the text (instruct models). None: tag when answer_tag is set, else boxed."""
+    format_style: Literal["think_answer", "think_close", "marked_answer"] = "think_answer"
+    """format: think_answer = the whole completion is <think>\\n...\\n</think>\\n<answer>\\n...\\n</answer> (open-r1); think_close = exactly one "\\n</think>\\n" (open-rs, where the chat template opens <think>); marked_answer = the answer is marked by a boxed or tag extractor of answer_extractors (instruct models)."""
     num_workers: int = 2
     """Reward worker processes."""
     timeout_s: float = 10.0
@@ -701,7 +711,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     r = cfg.rollout
     _positive(r, "rollout", "num_generations", "max_new_tokens", "weight_sync_bucket_mb", "weight_sync_timeout_s",
-              "server_timeout_s")
+              "server_timeout_s", "tensor_parallel_size", "data_parallel_size")
     _non_negative(r, "rollout", "temperature")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", r.top_p)
     _check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0", r.top_k)
@@ -713,6 +723,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if r.placement == "server" and not r.server_url:
         raise ConfigError("'rollout.server_url' is required when rollout.placement is 'server'")
     _check_weight_transport(r)
+    from aapo_megatron.rollout.layout import check_layout
+
+    check_layout(r, shape.get("num_attention_heads"), shape.get("num_key_value_heads"))
 
     w = cfg.reward
     _positive(w, "reward", "num_workers", "timeout_s", "cosine_max_len")

@@ -62,6 +62,9 @@ def check_upfront(cfg: Any) -> None:
     """The checks of a training Config that need the registries (`cfg` is a Config)."""
     if cfg.algorithm.name != "sft":
         check_reward_names(cfg.reward.functions)
+        from aapo_megatron.algorithms.temperature import logprob_temperature
+
+        logprob_temperature(cfg)  # sampling with greedy rollouts (rollout.temperature 0) is refused
     check_server_with_sft(cfg)
 
 

@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one, deleted at the end)")
     args = ap.parse_args()
 
-    from aapo_megatron.convert.hf_io import HFCheckpointReader, parse_size
+    from aapo_megatron.checkpoint.hf import HFCheckpointReader, parse_size
 
     work = args.dir or tempfile.mkdtemp(prefix="bench_convert_")
     os.makedirs(work, exist_ok=True)

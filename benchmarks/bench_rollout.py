@@ -8,9 +8,14 @@
    alternate, best of --repeats each; the first sync (which creates the reusable shm slots) is reported apart.
 3. Engine close: seconds of `close()` on a small engine with the vLLM plugin's quick exit and without it
    (AAPO_VLLM_QUICK_EXIT=0), alternating, and the engine cores' exit codes (None or -9: vLLM killed it after 5 s).
+4. DP replicas: the quickstart's policy batch (configs/quickstart_cpu.yaml: prompts_per_step x num_generations,
+   max_new_tokens, its model shape, random weights) on rollout.data_parallel_size=2 (two engines, the cores
+   split between them) vs 1 (one engine on every core), built by `layout.open_engines` as the trainer does;
+   best of --repeats each, and the two must return the same samples.
 
     .venv/bin/python benchmarks/bench_rollout.py                 # all three
     .venv/bin/python benchmarks/bench_rollout.py --skip-generate --sync-layers 12
+    .venv/bin/python benchmarks/bench_rollout.py --only-replicas      # 2 DP replicas vs 1
 
 Models are random (config only, no download). Numbers depend on the machine's load: run it alone.
 """
@@ -291,12 +296,62 @@ def bench_idle_spin(args, workdir: str) -> dict:
     return out
 
 
+def bench_replicas(args, workdir: str) -> dict:
+    """Seconds of the quickstart's policy generate on 1 and on 2 DP replicas (same seeds: same samples)."""
+    import dataclasses
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aapo_megatron.config import load_config
+    from aapo_megatron.rollout.engine import SamplingSpec
+    from aapo_megatron.rollout.layout import open_engines
+
+    cfg = load_config(args.replicas_config)
+    s, r = cfg.model.scratch, cfg.rollout
+    path = os.path.join(workdir, "replicas_model")
+    hf = LlamaConfig(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.ffn_hidden_size,
+                     num_hidden_layers=s.num_layers, num_attention_heads=s.num_attention_heads,
+                     num_key_value_heads=s.num_key_value_heads, max_position_embeddings=s.max_position_embeddings,
+                     tie_word_embeddings=s.tie_word_embeddings, bos_token_id=1, eos_token_id=2)
+    hf.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    LlamaForCausalLM(hf).save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, s.vocab_size, (args.replicas_prompt_len,), generator=g).tolist()
+               for _ in range(cfg.data.prompts_per_step)]
+    spec = SamplingSpec(n=r.num_generations, temperature=r.temperature, max_tokens=r.max_new_tokens, seed=r.seed,
+                        logprobs=True)
+    res: dict = {"prompts": len(prompts), "n": spec.n, "max_tokens": spec.max_tokens, "cores": len(os.sched_getaffinity(0))}
+    outputs = {}
+    for dp in (1, 2):
+        engine, _ = open_engines(path, dataclasses.replace(r, data_parallel_size=dp), reference=False,
+                                 max_prompt_tokens=cfg.data.max_prompt_tokens, kv_cache_bytes=64 << 20)
+        try:
+            engine.generate(prompts[:2], spec)  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                out = engine.generate(prompts, spec)
+                times.append(out.seconds)
+            outputs[dp] = [[c.token_ids for c in grp] for grp in out.completions]
+            res.update({f"dp{dp}_s": min(times), f"dp{dp}_all_s": times, f"dp{dp}_tokens": out.num_tokens})
+        finally:
+            engine.close()
+    res["same_samples"] = outputs[1] == outputs[2]
+    res["dp2_over_dp1"] = res["dp2_s"] / res["dp1_s"]
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--skip-close", action="store_true")
     p.add_argument("--skip-idle-spin", action="store_true")
+    p.add_argument("--skip-replicas", action="store_true")
+    p.add_argument("--only-replicas", action="store_true", help="run only the DP-replicas measurement")
+    p.add_argument("--replicas-config", default="configs/quickstart_cpu.yaml", help="its batch and model shape")
+    p.add_argument("--replicas-prompt-len", type=int, default=24, help="tokens per prompt")
     p.add_argument("--close-repeats", type=int, default=2, help="engines started and closed per variant")
     p.add_argument("--gen-hidden", type=int, default=768)
     p.add_argument("--gen-layers", type=int, default=8)
@@ -316,6 +371,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads-bind", default=f"0-{(os.cpu_count() or 1) - 1}", help="VLLM_CPU_OMP_THREADS_BIND")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.only_replicas:
+        args.skip_generate = args.skip_sync = args.skip_close = args.skip_idle_spin = True
 
     workdir = tempfile.mkdtemp(prefix="aapo-bench-rollout-")
     results = {}
@@ -372,6 +429,14 @@ def main(argv=None) -> int:
                 print(f"  {name:<38} close {r['close_median_s']:.2f} s (median of "
                       f"{', '.join(f'{x:.2f}' for x in r['close_s'])}); engine-core exit codes {r['exit_codes']}")
             print(f"  quick exit / default: {q['close_median_s'] / d['close_median_s']:.2f}x")
+        if not args.skip_replicas:
+            rp = bench_replicas(args, workdir)
+            results["replicas"] = rp
+            print(f"\n== DP replicas: {args.replicas_config} policy batch, {rp['prompts']} prompts x n={rp['n']} x "
+                  f"<= {rp['max_tokens']} tokens, {rp['cores']} cores (best of {args.repeats})")
+            print(f"  1 engine, every core      {rp['dp1_s']:.3f} s  ({rp['dp1_tokens']} tokens)")
+            print(f"  2 replicas, cores split   {rp['dp2_s']:.3f} s  ({rp['dp2_tokens']} tokens)")
+            print(f"  2 replicas / 1 engine: {rp['dp2_over_dp1']:.2f}x the time; same samples: {rp['same_samples']}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:

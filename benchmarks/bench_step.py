@@ -129,8 +129,8 @@ def _synthetic_batch(cfg, vocab: int, seed: int = 0):
 
 
 def _load_hf_weights(model, spec, model_dir: str) -> None:
-    from aapo_megatron.convert.hf_io import HFCheckpointReader
-    from aapo_megatron.convert.mapping import WeightMapping
+    from aapo_megatron.checkpoint.hf import HFCheckpointReader
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.models.weights import load_hf_weights, model_naming
 
     reader = HFCheckpointReader(model_dir)

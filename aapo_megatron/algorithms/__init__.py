@@ -1,46 +1,29 @@
-"""Advantage estimators and policy losses (registries: aapo, grpo, dr_grpo; aapo_ce, grpo_clip, sft_ce)."""
+"""Advantage estimators and policy losses (registries: aapo, grpo, dr_grpo; aapo_ce, grpo_clip, sft_ce).
 
-from aapo_megatron.algorithms.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    AAPOAdvantage,
-    AdvantageEstimator,
-    AdvantageResult,
-    DrGRPOAdvantage,
-    GRPOAdvantage,
-    build_advantage_estimator,
-)
-from aapo_megatron.algorithms.aggregation import GlobalTokenMean, count_step_tokens
-from aapo_megatron.algorithms.losses import (
-    POLICY_LOSSES,
-    AAPOCrossEntropyLoss,
-    GRPOClipLoss,
-    LossOutput,
-    PolicyLoss,
-    PolicyLossInputs,
-    SFTCrossEntropyLoss,
-    build_policy_loss,
-    default_loss_name,
-)
-from aapo_megatron.algorithms.step import policy_loss_from_logits
+The names below are re-exported lazily (PEP 562): config validation imports the torch-free
+`algorithms.temperature`, and Slurm's resolve_config.py runs that on a login node's python without torch.
+"""
 
-__all__ = [
-    "ADVANTAGE_ESTIMATORS",
-    "AAPOAdvantage",
-    "AAPOCrossEntropyLoss",
-    "AdvantageEstimator",
-    "AdvantageResult",
-    "DrGRPOAdvantage",
-    "GRPOAdvantage",
-    "GRPOClipLoss",
-    "GlobalTokenMean",
-    "LossOutput",
-    "POLICY_LOSSES",
-    "PolicyLoss",
-    "PolicyLossInputs",
-    "SFTCrossEntropyLoss",
-    "build_advantage_estimator",
-    "build_policy_loss",
-    "count_step_tokens",
-    "default_loss_name",
-    "policy_loss_from_logits",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "advantages": ("ADVANTAGE_ESTIMATORS", "AAPOAdvantage", "AdvantageEstimator", "AdvantageResult",
+                   "DrGRPOAdvantage", "GRPOAdvantage", "build_advantage_estimator"),
+    "aggregation": ("GlobalTokenMean", "count_step_tokens"),
+    "losses": ("POLICY_LOSSES", "AAPOCrossEntropyLoss", "GRPOClipLoss", "LossOutput", "PolicyLoss",
+               "PolicyLossInputs", "SFTCrossEntropyLoss", "build_policy_loss", "default_loss_name"),
+    "step": ("policy_loss_from_logits",),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exported `name`, imported from its home module on first use."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'aapo_megatron.algorithms' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"aapo_megatron.algorithms.{_MODULE_OF[name]}"), name)

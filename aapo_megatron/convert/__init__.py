@@ -1,9 +1,9 @@
-"""HF <-> Megatron-Core checkpoint conversion.
+"""The aapo-convert app: HF <-> Megatron-Core checkpoint conversion.
 
-- `mapping`: names, layouts, TP sharding and PP placement of the weights (pure tensor code);
-- `hf_io`: streaming safetensors reader / size-capped shard writer;
-- `mcore_io`: Megatron dist_checkpointing save/load of a GPTModel plus the metadata that makes a
-  checkpoint self-describing (`read_arch`, `load_mcore_checkpoint`);
-- `hf_to_mcore` / `mcore_to_hf`: the streamed conversions (W gloo worker processes, one PP stage each);
-- `cli`: `aapo-convert hf-to-mcore | mcore-to-hf`.
+- `cli`: `aapo-convert hf-to-mcore | mcore-to-hf | gguf-to-hf`;
+- `hf_to_mcore` / `mcore_to_hf`: the streamed conversions (W gloo worker processes, one PP stage each;
+  `launch` starts them), `lazy_save` writes a checkpoint whose tensors are built as they are written;
+- `gguf_to_hf`, `model_cache` (the cached demo model), `outdir` (atomic output directories), `memory`.
+
+The weight contract is `models.mapping`; the on-disk formats are `checkpoint.hf` and `checkpoint.mcore`.
 """

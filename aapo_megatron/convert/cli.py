@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gguf_to_hf(args: argparse.Namespace) -> int:
-    from aapo_megatron.convert.errors import ConversionError
+    from aapo_megatron.checkpoint.errors import ConversionError
     from aapo_megatron.convert.gguf_to_hf import GGUFInputError, check_gguf_input, convert_gguf_to_hf
 
     try:
@@ -77,9 +77,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "gguf-to-hf":
         return _gguf_to_hf(args)
-    from aapo_megatron.convert.errors import ConversionError
-    from aapo_megatron.convert.mapping import MappingError
+    from aapo_megatron.checkpoint.errors import ConversionError
     from aapo_megatron.models.arch import UnsupportedArchitectureError
+    from aapo_megatron.models.mapping import MappingError
 
     try:
         if args.command == "hf-to-mcore":

@@ -14,15 +14,17 @@ import os
 import time
 from dataclasses import dataclass
 
-from aapo_megatron.convert.errors import ConversionError
+from aapo_megatron.checkpoint.errors import ConversionError
 from aapo_megatron.convert.outdir import atomic_output_dir, check_output_dir
+from aapo_megatron.errors import BadInputError
+from aapo_megatron.models.families import FAMILIES
 
-# GGUF `general.architecture` values this converter accepts (the families aapo-megatron trains).
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# GGUF `general.architecture` values this converter accepts: those the registered families declare.
+SUPPORTED_ARCHITECTURES = tuple(f.gguf_architecture for f in FAMILIES.values() if f.gguf_architecture)
 GGUF_DTYPES = ("float32", "bfloat16")
 
 
-class GGUFInputError(ConversionError):
+class GGUFInputError(ConversionError, BadInputError):
     """The GGUF file is missing, unreadable, or of an unsupported architecture (checked before any work)."""
 
 

@@ -5,7 +5,7 @@ job: worker r builds pipeline stage r of the GPTModel (layers [r*L/W, (r+1)*L/W)
 plus the embedding on the first and the output layer on the last stage) without
 writing its parameters, and all workers save together with Megatron's
 `dist_checkpointing.save(model.sharded_state_dict(), dir)` through
-`convert.lazy_save`: each tensor is built from the HF shards (`convert.mapping`)
+`convert.lazy_save`: each tensor is built from the HF shards (`models.mapping`)
 only when the checkpoint writer asks for it, written and dropped. Megatron's
 sharded state dict stores every tensor with its global shape (layers stacked by
 global index), so the result loads at any TP/PP. Per-worker memory: the process
@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from aapo_megatron.convert.errors import ConversionError
-from aapo_megatron.convert.hf_io import HFCheckpointReader
+from aapo_megatron.checkpoint.errors import ConversionError
+from aapo_megatron.checkpoint.hf import HFCheckpointReader
+from aapo_megatron.checkpoint.mcore import write_checkpoint_metadata
 from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.mcore_io import write_checkpoint_metadata
 from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
@@ -91,7 +91,7 @@ def choose_workers(num_layers: int, model_bytes: int, workers: Optional[int], co
 
 def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[str]]:
     """ArchSpec of the checkpoint after checking every tensor it needs exists with the right shape; also unused names."""
-    from aapo_megatron.convert.mapping import WeightMapping
+    from aapo_megatron.models.mapping import WeightMapping
 
     spec = ArchSpec.from_hf_config(reader.config)  # UnsupportedArchitectureError names it + lists the supported
     mapping = WeightMapping(spec)
@@ -111,8 +111,8 @@ def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype:
 
     from aapo_megatron.config import ParallelConfig
     from aapo_megatron.convert.lazy_save import save_mcore_checkpoint_lazy
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.gpt import build_gpt_model, transformer_config
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.models.weights import model_naming, stage_hf_names
 
@@ -145,9 +145,8 @@ def _stage_producer(mapping, reader: HFCheckpointReader, pp_rank: int, pp_size: 
     Each call reads only the HF tensors it needs (plain file reads, no mmap). linear_fc1 is saved as its
     [gate; up] halves: each half is the HF gate_proj / up_proj tensor itself, not a slice of a concatenation.
     """
-    import dataclasses
-
-    from aapo_megatron.convert.mapping import EMBEDDING, OUTPUT_LAYER
+    from aapo_megatron.models.converters import GATE_UP
+    from aapo_megatron.models.mapping import EMBEDDING, OUTPUT_LAYER
 
     spec = mapping.spec
 
@@ -162,11 +161,10 @@ def _stage_producer(mapping, reader: HFCheckpointReader, pp_rank: int, pp_size: 
         else:
             name = mapping.global_name(local, pp_rank, pp_size)
         group = mapping.group(name)
-        if group.converter == "fc1":
+        if group.converter is GATE_UP:
             f = spec.ffn_hidden_size
             if (first, end) in ((0, f), (f, 2 * f)):
-                half = group.hf_names[0 if first == 0 else 1]
-                return mapping.to_megatron(dataclasses.replace(group, hf_names=(half,), converter="copy"), fetch)
+                return mapping.hf_tensor(fetch, group.hf_names[0 if first == 0 else 1])
         full = mapping.shard(name, mapping.to_megatron(group, fetch), 0, 1)  # TP=1: vocab rows padded as Megatron's
         return full if (first, end) == (0, full.shape[0]) else full[first:end]
 

@@ -16,7 +16,7 @@ import socket
 import traceback
 from typing import Any, Callable, Sequence
 
-from aapo_megatron.convert.errors import ConversionError
+from aapo_megatron.checkpoint.errors import ConversionError
 
 
 def _free_port() -> int:

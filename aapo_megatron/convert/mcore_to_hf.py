@@ -3,8 +3,8 @@
 The mirror of `hf_to_mcore`: W worker processes each take one pipeline stage's
 tensors (layers [r*L/W, (r+1)*L/W), embedding first, final norm and output layer
 last). A worker reads one Megatron tensor at a time straight from the torch_dist
-files (`mcore_io.CheckpointTensorReader`: the region of one layer, whatever TP/PP
-the checkpoint was saved at), converts it to HF names through `convert.mapping`
+files (`checkpoint.mcore.CheckpointTensorReader`: the region of one layer, whatever TP/PP
+the checkpoint was saved at), converts it to HF names through `models.mapping`
 and streams the result into its own size-capped shards (`SafetensorsStreamWriter`:
 headers planned up front, nothing buffered); the parent then gives the shards
 their HF names (`model-0000i-of-0000N.safetensors`, in layer order) and writes the
@@ -21,23 +21,18 @@ import os
 import time
 from typing import Any, Optional
 
-from aapo_megatron.convert.errors import ConversionError
-from aapo_megatron.convert.hf_io import (
-    CONFIG_NAME,
-    copy_files,
-    finalize_shards,
-    parse_size,
-    write_config,
-)
-from aapo_megatron.convert.hf_to_mcore import DTYPES, ConversionResult, choose_workers
-from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.mcore_io import (
+from aapo_megatron.checkpoint.errors import ConversionError
+from aapo_megatron.checkpoint.hf import CONFIG_NAME, copy_files, parse_size
+from aapo_megatron.checkpoint.hf_writer import finalize_shards, write_config
+from aapo_megatron.checkpoint.mcore import (
     HF_SUBDIR,
     METADATA_NAME,
     is_mcore_checkpoint,
     read_checkpoint_metadata,
     validate_mcore_checkpoint,
 )
+from aapo_megatron.convert.hf_to_mcore import DTYPES, ConversionResult, choose_workers
+from aapo_megatron.convert.launch import run_workers
 from aapo_megatron.convert.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
@@ -64,10 +59,10 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
     import torch
     from tqdm import tqdm
 
-    from aapo_megatron.convert.hf_io import SafetensorsStreamWriter
-    from aapo_megatron.convert.mapping import WeightMapping
-    from aapo_megatron.convert.mcore_io import CheckpointTensorReader
+    from aapo_megatron.checkpoint.hf_writer import SafetensorsStreamWriter
+    from aapo_megatron.checkpoint.mcore import CheckpointTensorReader
     from aapo_megatron.convert.memory import LiveTensorBytes, current_rss
+    from aapo_megatron.models.mapping import WeightMapping
 
     spec = ArchSpec.from_hf_config(hf_config)
     mapping = WeightMapping(spec, naming="te")  # the checkpoint's keys use Transformer Engine norm names
@@ -161,7 +156,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
 
 def _param_count(spec: ArchSpec) -> int:
     """Number of parameters of the HF model described by `spec`."""
-    from aapo_megatron.convert.mapping import WeightMapping
+    from aapo_megatron.models.mapping import WeightMapping
 
     mapping = WeightMapping(spec)
     total = 0

@@ -8,7 +8,11 @@ import shutil
 import uuid
 from typing import Iterator
 
-from aapo_megatron.convert.errors import ConversionError, OutputExistsError
+from aapo_megatron.checkpoint.errors import ConversionError
+
+
+class OutputExistsError(ConversionError):
+    """The output directory exists and --force was not given."""
 
 
 def check_output_dir(out: str, force: bool, inputs: tuple[str, ...] = ()) -> str:

@@ -178,7 +178,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "model": {"path": source.path, "kind": source.kind, "name": source.name, "fingerprint": source.fingerprint,
                   "max_position_embeddings": model_config(source).get("max_position_embeddings")},
         "sampling": {**spec.to_dict(), "seed": cfg.sampling.seed, "greedy": cfg.greedy(), "ks": ks},
-        "reward": {"functions": dict(cfg.reward.functions), "answer_tag": cfg.reward.answer_tag},
+        "reward": {"functions": dict(cfg.reward.functions), "answer_tag": cfg.reward.answer_tag,
+                   "answer_extractors": cfg.reward.answer_extractors},
         "benchmarks": {},
         "seconds": time.perf_counter() - t0,
     }
@@ -207,8 +208,8 @@ def print_tables(summary: dict[str, Any], stream=sys.stdout) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """aapo-eval entry point; returns the exit code."""
+    from aapo_megatron.checkpoint.errors import ConversionError
     from aapo_megatron.config import ConfigError, describe
-    from aapo_megatron.convert.errors import ConversionError
     from aapo_megatron.eval.benchmarks import EvalInputError
 
     args = build_parser().parse_args(argv)

@@ -97,7 +97,7 @@ def _find_upwards(start: str, rel: str, levels: int = 4) -> Optional[str]:
 
 
 def _latest_step_dir(root: str) -> str:
-    from aapo_megatron.trainer.checkpoint import CheckpointManager
+    from aapo_megatron.checkpoint.manager import CheckpointManager
 
     info = CheckpointManager(root).latest()
     if info is None:
@@ -107,7 +107,8 @@ def _latest_step_dir(root: str) -> str:
 
 def _megatron_dir(path: str) -> tuple[str, str]:
     """(dist checkpoint dir, label) for a run dir, checkpoint root, step dir or dist checkpoint."""
-    from aapo_megatron.trainer.checkpoint import CheckpointError, verify
+    from aapo_megatron.checkpoint.errors import CheckpointError
+    from aapo_megatron.checkpoint.manager import verify
 
     label = os.path.basename(os.path.abspath(path))
     if os.path.isdir(os.path.join(path, "checkpoints")):

@@ -8,8 +8,8 @@ config dict with `to_hf_config` (so a scratch model can be exported to HF):
     spec = ArchSpec.from_scratch(cfg.model.scratch)
     hf = to_hf_config(spec)                        # -> dict for config.json
 
-Supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (dense, RMSNorm,
-SwiGLU, RoPE, GQA). Anything else raises `UnsupportedArchitectureError` naming it.
+Supported: the families registered in `models.families` (Llama, Qwen2, Qwen3: dense,
+RMSNorm, SwiGLU, RoPE, GQA). Anything else raises `UnsupportedArchitectureError` naming it.
 """
 
 from __future__ import annotations
@@ -18,23 +18,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-Family = Literal["llama", "qwen2", "qwen3"]
-
-# HF `architectures[0]` / `model_type` -> family.
-HF_ARCHITECTURES: dict[str, Family] = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-MODEL_TYPES: dict[str, Family] = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-FAMILY_TO_HF: dict[Family, str] = {v: k for k, v in HF_ARCHITECTURES.items()}
-
-SUPPORTED = ", ".join(sorted(HF_ARCHITECTURES))
+from aapo_megatron.errors import BadInputError
+from aapo_megatron.models.families import FAMILIES, ModelFamily, family_of_hf_architecture, get_family
+from aapo_megatron.models.families import supported_hf_architectures as _supported
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(BadInputError, ValueError):
     """The HF config names an architecture (or a feature of one) that this project cannot build."""
 
 
@@ -56,8 +47,8 @@ class RopeScaling:
 class ArchSpec:
     """A dense decoder-only transformer (Llama / Qwen2 / Qwen3 family): everything needed to build it."""
 
-    family: Family
-    """Architecture family: llama, qwen2 or qwen3."""
+    family: str
+    """Architecture family: a name registered in `models.families` (llama, qwen2, qwen3)."""
     vocab_size: int
     """Vocabulary size of the checkpoint (rows of the HF embedding)."""
     hidden_size: int
@@ -102,9 +93,17 @@ class ArchSpec:
     # ------------------------------------------------------------------ derived
 
     @property
+    def model_family(self) -> ModelFamily:
+        """The registered family (its HF name table and what it refuses)."""
+        family = get_family(self.family)
+        if family is None:
+            raise UnsupportedArchitectureError(f"unsupported family {self.family!r}; supported: {_supported()}")
+        return family
+
+    @property
     def hf_architecture(self) -> str:
         """HF class name, e.g. "Qwen2ForCausalLM"."""
-        return FAMILY_TO_HF[self.family]
+        return self.model_family.hf_architecture
 
     @property
     def heads_per_group(self) -> int:
@@ -137,8 +136,7 @@ class ArchSpec:
                 f"ArchSpec.num_key_value_heads={self.num_key_value_heads} must divide "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        if self.family not in FAMILY_TO_HF:
-            raise UnsupportedArchitectureError(f"unsupported family {self.family!r}; supported: {SUPPORTED}")
+        self.model_family  # noqa: B018 - raises UnsupportedArchitectureError for an unregistered family
         return self
 
     # ------------------------------------------------------------------ constructors
@@ -150,20 +148,20 @@ class ArchSpec:
         archs = hf.get("architectures") or []
         name = archs[0] if archs else None
         if name is not None:
-            if name not in HF_ARCHITECTURES:
+            family = family_of_hf_architecture(name)
+            if family is None:
                 raise UnsupportedArchitectureError(
-                    f"unsupported architecture {name!r}; supported architectures: {SUPPORTED}"
+                    f"unsupported architecture {name!r}; supported architectures: {_supported()}"
                 )
-            family = HF_ARCHITECTURES[name]
         else:
             model_type = hf.get("model_type")
-            if model_type not in MODEL_TYPES:
+            family = get_family(model_type) if isinstance(model_type, str) else None
+            if family is None:
                 raise UnsupportedArchitectureError(
                     f"unsupported architecture (model_type {model_type!r}, no 'architectures' entry); "
-                    f"supported architectures: {SUPPORTED}"
+                    f"supported architectures: {_supported()}"
                 )
-            family = MODEL_TYPES[model_type]
-        arch_name = FAMILY_TO_HF[family]
+        arch_name = family.hf_architecture
 
         def need(key: str) -> Any:
             if key not in hf or hf[key] is None:
@@ -173,16 +171,9 @@ class ArchSpec:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedArchitectureError(f"{arch_name} with hidden_act={act!r} is not supported (only 'silu')")
-        if hf.get("mlp_bias"):
-            raise UnsupportedArchitectureError(f"{arch_name} with mlp_bias=true is not supported")
-        if hf.get("use_sliding_window"):
-            raise UnsupportedArchitectureError(f"{arch_name} with use_sliding_window=true is not supported")
-        attention_bias = bool(hf.get("attention_bias", False))
-        if family == "llama" and attention_bias:
-            # Llama's attention_bias also biases o_proj, which Megatron cannot express without add_bias_linear.
-            raise UnsupportedArchitectureError("LlamaForCausalLM with attention_bias=true is not supported")
-        if family == "qwen3" and attention_bias:
-            raise UnsupportedArchitectureError("Qwen3ForCausalLM with attention_bias=true is not supported")
+        for flag in family.refused_hf_flags:
+            if hf.get(flag):
+                raise UnsupportedArchitectureError(f"{arch_name} with {flag}=true is not supported")
 
         heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
@@ -216,7 +207,7 @@ class ArchSpec:
         extra = {k: v for k, v in hf.items() if k not in known and k in _EXPORTED_EXTRAS}
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
         return cls(
-            family=family,
+            family=family.name,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             num_layers=int(need("num_hidden_layers")),
@@ -229,8 +220,8 @@ class ArchSpec:
             rope_scaling=scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=(family == "qwen2"),
-            qk_norm=(family == "qwen3"),
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
@@ -253,12 +244,14 @@ class ArchSpec:
 
     @classmethod
     def from_scratch(cls, scratch: Any) -> "ArchSpec":
-        """ArchSpec from `config.ScratchModelConfig` (Qwen2 gets qkv bias, Qwen3 gets qk-norm, as in HF)."""
-        family = scratch.architecture
-        if family not in FAMILY_TO_HF:
-            raise UnsupportedArchitectureError(f"unsupported scratch architecture {family!r}; supported: llama, qwen2, qwen3")
+        """ArchSpec from `config.ScratchModelConfig` (biases and norms as the family's table has them: Qwen2 qkv bias,
+        Qwen3 qk-norm, as in HF)."""
+        family = get_family(scratch.architecture)
+        if family is None:
+            raise UnsupportedArchitectureError(f"unsupported scratch architecture {scratch.architecture!r}; "
+                                               f"supported: {', '.join(FAMILIES)}")
         return cls(
-            family=family,
+            family=family.name,
             vocab_size=scratch.vocab_size,
             hidden_size=scratch.hidden_size,
             num_layers=scratch.num_layers,
@@ -269,8 +262,8 @@ class ArchSpec:
             max_position_embeddings=scratch.max_position_embeddings,
             rope_theta=float(scratch.rope_theta),
             tie_word_embeddings=scratch.tie_word_embeddings,
-            qkv_bias=(family == "qwen2"),
-            qk_norm=(family == "qwen3"),
+            qkv_bias=family.qkv_bias,
+            qk_norm=family.qk_norm,
         ).validate()
 
     def replace(self, **changes: Any) -> "ArchSpec":
@@ -311,11 +304,6 @@ def to_hf_config(spec: ArchSpec) -> dict[str, Any]:
     }
     if spec.rope_scaling is not None:
         out["rope_scaling"] = dict(rope)  # transformers 4.x reads this key
-    if spec.family in ("llama", "qwen3"):
-        out["attention_bias"] = False
-    if spec.family == "llama":
-        out["mlp_bias"] = False
-    if spec.family in ("qwen2", "qwen3"):
-        out["use_sliding_window"] = False
+    out.update(spec.model_family.hf_export_flags)
     out.update(spec.extra_hf)
     return out

@@ -6,7 +6,7 @@
     for name, tensor in iter_hf_tensors(model, mapping): ...            # same, streamed one tensor at a time
 
 TP and PP coordinates default to Megatron's parallel_state; process groups can be
-passed explicitly. The math of names/layouts lives in `aapo_megatron.convert.mapping`.
+passed explicitly. The names and layouts come from `aapo_megatron.models.mapping`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from aapo_megatron.convert.mapping import (
+from aapo_megatron.models.mapping import (
     EMBEDDING,
     OUTPUT_LAYER,
     HFSource,

@@ -5,10 +5,15 @@ optionally in place over the logits; the logits are never copied or upcast as a 
 this module does the two collectives on an explicitly passed TP group: one all-reduce MAX of the shard maxima and
 one all-reduce SUM of the stacked [sumexp, sum_pd, target_logit] (docs/train-step.md).
 
+Every entry point takes a sampling `temperature`: the log-probs are those of softmax(logits / temperature), the
+distribution the rollout engine samples from (TRL's GRPOTrainer does the same). The scaled logits are written once
+(in place when the caller lets the logits be overwritten, else into the buffer that then takes the gradient), and
+the chain-rule factor 1/temperature is folded into the coefficients the backward kernel already multiplies by.
+
 Public entry points:
     vocab_parallel_logprob(logits, target, tp_group=None, ...)      -> (logp, entropy), differentiable
     fused_logprob_loss(logits, target, dloss_dlogp, tp_group=None)  -> (loss, logp, entropy), gradient in forward
-    logprob_reference(logits, target)                               -> (logp, entropy), pure torch, full vocab
+    logprob_reference(logits, target, temperature=1.0)              -> (logp, entropy), pure torch, full vocab
 """
 
 from __future__ import annotations
@@ -61,6 +66,24 @@ def combine_shard_stats(stats: torch.Tensor, tp_group: Optional[dist.ProcessGrou
     return torch.stack([global_max, packed[0], packed[1], packed[2]], dim=1)
 
 
+def check_temperature(temperature: float) -> float:
+    """The sampling temperature as a float; ValueError unless it is finite and > 0."""
+    t = float(temperature)
+    if not (t > 0 and t != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0 (the logits are divided by it), got {temperature!r}")
+    return t
+
+
+def scale_logits(logits2d: torch.Tensor, temperature: float, inplace: bool) -> tuple[torch.Tensor, bool]:
+    """(logits2d / temperature, whether the result may be overwritten): the input itself when temperature is 1;
+    divided in place when `inplace`; else a new buffer (which the backward may then overwrite)."""
+    if temperature == 1.0:
+        return logits2d, inplace
+    if inplace:
+        return logits2d.div_(temperature), True
+    return torch.div(logits2d, temperature), True
+
+
 def finalize_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full-vocabulary stats [N, 4] -> (logp, entropy, row max, log sumexp), each [N]; nats.
 
@@ -108,30 +131,32 @@ class _VocabParallelLogprob(torch.autograd.Function):
     """logits [N, V/tp] -> (logp [N], entropy [N]); backward via the compiled kernel, optionally in place."""
 
     @staticmethod
-    def forward(ctx, logits2d, target, vocab_start, vocab_size, tp_group, inplace_backward):
-        stats = torch.ops.aapo.logprob_shard_stats(logits2d, target, vocab_start, vocab_size)  # [N, 4]
+    def forward(ctx, logits2d, target, vocab_start, vocab_size, tp_group, inplace_backward, temperature=1.0):
+        scaled, own = scale_logits(logits2d, temperature, inplace_backward)  # [N, V/tp]
+        stats = torch.ops.aapo.logprob_shard_stats(scaled, target, vocab_start, vocab_size)  # [N, 4]
         logp, entropy, row_max, log_sumexp = finalize_stats(combine_shard_stats(stats, tp_group))
-        ctx.save_for_backward(logits2d, target, row_max, log_sumexp, entropy)
-        ctx.vocab_start, ctx.vocab_size, ctx.inplace = vocab_start, vocab_size, inplace_backward
+        ctx.save_for_backward(scaled, target, row_max, log_sumexp, entropy)
+        ctx.vocab_start, ctx.vocab_size, ctx.inplace, ctx.temperature = vocab_start, vocab_size, own, temperature
         ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits2d, target, row_max, log_sumexp, entropy = ctx.saved_tensors
+        logits2d, target, row_max, log_sumexp, entropy = ctx.saved_tensors  # logits2d: scaled by 1/temperature
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(row_max)
-        grad_ent = None if grad_entropy is None else grad_entropy.float().contiguous()
+        inv_t = 1.0 / ctx.temperature  # d(x/T)/dx, folded into the per-row coefficients
+        grad_ent = None if grad_entropy is None else (grad_entropy.float() * inv_t).contiguous()
         grad = logits2d if ctx.inplace else torch.empty_like(logits2d)
         torch.ops.aapo.logprob_shard_backward(
             logits2d, target, ctx.vocab_start, ctx.vocab_size, row_max, log_sumexp, entropy,
-            grad_logp.float().contiguous(), grad_ent, grad,
+            (grad_logp.float() * inv_t).contiguous(), grad_ent, grad,
         )
         if ctx.inplace:
             torch.autograd.graph.increment_version(logits2d)  # any later use of the old logits now fails loudly
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprob(
@@ -141,16 +166,21 @@ def vocab_parallel_logprob(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_start: Optional[int] = None,
     inplace_backward: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-prob and entropy (nats, fp32, shape of target) from vocab-sharded logits [..., V/tp].
+    """Token log-prob and entropy (nats, fp32, shape of target) of softmax(logits / temperature), from
+    vocab-sharded logits [..., V/tp].
 
     The shard of this rank is [vocab_start, vocab_start + V/tp) (default: TP rank * V/tp, Megatron's layout).
-    With inplace_backward the gradient overwrites the logits buffer (use when nothing else needs the logits).
+    With inplace_backward the gradient overwrites the logits buffer (use when nothing else needs the logits; with
+    temperature != 1 the logits are then divided in place in the forward).
     """
     load_extension()
+    temperature = check_temperature(temperature)
     shape = target.shape
     logits2d, target1d, start, vocab_size = _prepare(logits, target, tp_group, vocab_start)
-    logp, entropy = _VocabParallelLogprob.apply(logits2d, target1d, start, vocab_size, tp_group, inplace_backward)
+    logp, entropy = _VocabParallelLogprob.apply(logits2d, target1d, start, vocab_size, tp_group, inplace_backward,
+                                                temperature)
     return logp.view(shape), entropy.view(shape)
 
 
@@ -161,14 +191,17 @@ class _FusedLogprobLoss(torch.autograd.Function):
     """Forward computes the loss and its gradient w.r.t. the logits; backward only scales the stored gradient."""
 
     @staticmethod
-    def forward(ctx, logits2d, target, vocab_start, vocab_size, tp_group, coef_or_fn, shape, inplace):
+    def forward(ctx, logits2d, target, vocab_start, vocab_size, tp_group, coef_or_fn, shape, inplace, temperature):
         tp = tp_size_and_rank(tp_group)[0]
         want_grad = logits2d.requires_grad
         grad = None
+        inv_t = 1.0 / temperature  # d(x/T)/dx, folded into the coefficients the kernels multiply by
+        logits2d, inplace = scale_logits(logits2d, temperature, inplace)  # [N, V/tp], divided by T
         if isinstance(coef_or_fn, torch.Tensor) and tp == 1 and want_grad:
             coef = coef_or_fn.reshape(-1).float().contiguous()
             grad = logits2d if inplace else torch.empty_like(logits2d)
-            stats = torch.ops.aapo.logprob_fused_fwd_bwd(logits2d, target, coef, grad)  # one read + one write
+            kernel_coef = coef if inv_t == 1.0 else (coef * inv_t).contiguous()
+            stats = torch.ops.aapo.logprob_fused_fwd_bwd(logits2d, target, kernel_coef, grad)  # one read + one write
             logp, entropy, _, _ = finalize_stats(stats)
             loss = (coef.double() * logp.double()).sum().float()
         else:
@@ -188,8 +221,9 @@ class _FusedLogprobLoss(torch.autograd.Function):
                 coef = torch.zeros_like(logp) if coef is None else coef.reshape(-1).float().contiguous()
             if want_grad:
                 grad = logits2d if inplace else torch.empty_like(logits2d)
+                kernel_coef = coef if inv_t == 1.0 else (coef * inv_t).contiguous()
                 torch.ops.aapo.logprob_shard_backward(
-                    logits2d, target, vocab_start, vocab_size, row_max, log_sumexp, entropy, coef, None, grad
+                    logits2d, target, vocab_start, vocab_size, row_max, log_sumexp, entropy, kernel_coef, None, grad
                 )
         if grad is not None and inplace:
             torch.autograd.graph.increment_version(logits2d)
@@ -201,10 +235,10 @@ class _FusedLogprobLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         (grad,) = ctx.saved_tensors
         if grad.numel() == 0 or grad_loss is None:
-            return (None,) * 8
+            return (None,) * 9
         if not (grad_loss.numel() == 1 and float(grad_loss) == 1.0):
             grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def fused_logprob_loss(
@@ -215,8 +249,10 @@ def fused_logprob_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_start: Optional[int] = None,
     inplace: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scalar loss plus (logp, entropy) [shape of target] with d loss/d logits computed inside the forward.
+    """Scalar loss plus (logp, entropy) [shape of target] of softmax(logits / temperature), with d loss/d logits
+    computed inside the forward.
 
     dloss_dlogp is either a tensor c (shape of target): loss = sum(c * logp), at TP=1 one fused pass per row; or a
     callable logp -> scalar loss (e.g. a clipped-ratio loss), differentiated by autograd on the [N] log-probs.
@@ -224,6 +260,7 @@ def fused_logprob_loss(
     so their memory holds the gradient from then on (the logits must not be used afterwards).
     """
     load_extension()
+    temperature = check_temperature(temperature)
     shape = target.shape
     if isinstance(dloss_dlogp, torch.Tensor) and tuple(dloss_dlogp.shape) != tuple(shape):
         raise ValueError(f"dloss_dlogp shape {tuple(dloss_dlogp.shape)} must equal target shape {tuple(shape)}")
@@ -231,7 +268,7 @@ def fused_logprob_loss(
         raise TypeError(f"dloss_dlogp must be a tensor or a callable, got {type(dloss_dlogp).__name__}")
     logits2d, target1d, start, vocab_size = _prepare(logits, target, tp_group, vocab_start)
     loss, logp, entropy = _FusedLogprobLoss.apply(
-        logits2d, target1d, start, vocab_size, tp_group, dloss_dlogp, shape, inplace
+        logits2d, target1d, start, vocab_size, tp_group, dloss_dlogp, shape, inplace, temperature
     )
     return loss, logp.view(shape), entropy.view(shape)
 
@@ -239,9 +276,10 @@ def fused_logprob_loss(
 # ---------------------------------------------------------------------------------------------------- reference
 
 
-def logprob_reference(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch token log-prob and entropy (fp32, autograd) from full-vocabulary logits [..., V]."""
-    logsm = torch.log_softmax(logits.float(), dim=-1)  # [..., V]
+def logprob_reference(logits: torch.Tensor, target: torch.Tensor,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch token log-prob and entropy (fp32, autograd) of softmax(logits / temperature), logits [..., V]."""
+    logsm = torch.log_softmax(logits.float() / check_temperature(temperature), dim=-1)  # [..., V]
     logp = logsm.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     p = logsm.exp()
     entropy = -(p * torch.where(p > 0, logsm, torch.zeros_like(logsm))).sum(-1)

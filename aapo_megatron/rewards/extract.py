@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Optional, Sequence
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K_MARK = "####"
+# A number not glued to a word or a preceding digit: "-3" counts as negative, "10-3" ends in "3".
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -34,11 +36,43 @@ def last_tagged(text: str, tag: str) -> Optional[str]:
     return matches[-1].strip() if matches else None
 
 
-def completion_answer(completion: str, answer_tag: Optional[str] = None) -> Optional[str]:
-    """The final answer of a completion: the last <answer_tag> content when a tag is set, else the last \\boxed{}."""
-    if answer_tag:
-        return last_tagged(completion, answer_tag)
-    return last_boxed(completion)
+def last_number(text: str) -> Optional[str]:
+    """The final number in `text` ("-3", "1,234.5" -> "1234.5", "3/4"), without thousands separators, or None."""
+    matches = _NUMBER.findall(text)
+    return matches[-1].replace(",", "") if matches else None
+
+
+EXTRACTORS = ("boxed", "tag", "last_number")
+"""The answer extractors reward.answer_extractors may name, in any order."""
+
+MARKED_EXTRACTORS = ("boxed", "tag")
+"""Extractors that need the model to mark its answer (the format reward's marked_answer style checks these)."""
+
+
+def extract_with(text: str, name: str, answer_tag: Optional[str] = None) -> Optional[str]:
+    """One extractor of EXTRACTORS applied to `text`; `tag` reads <answer_tag> (default "answer")."""
+    if name == "boxed":
+        return last_boxed(text)
+    if name == "tag":
+        return last_tagged(text, answer_tag or "answer")
+    if name == "last_number":
+        return last_number(text)
+    raise ValueError(f"unknown answer extractor {name!r}; known: {', '.join(EXTRACTORS)}")
+
+
+def completion_answer(completion: str, answer_tag: Optional[str] = None,
+                      extractors: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The final answer of a completion: the first hit of `extractors` in order (see EXTRACTORS), or None.
+
+    extractors None keeps the default: the last <answer_tag> content when a tag is set, else the last \\boxed{}.
+    """
+    if extractors is None:
+        extractors = ("tag",) if answer_tag else ("boxed",)
+    for name in extractors:
+        found = extract_with(completion, name, answer_tag)
+        if found is not None:
+            return found
+    return None
 
 
 def gold_answer(answer: object) -> str:

@@ -8,6 +8,7 @@ import math
 import re
 from typing import Any
 
+from aapo_megatron.rewards.extract import MARKED_EXTRACTORS, extract_with
 from aapo_megatron.rewards.registry import RewardError, RewardInput, register_reward
 
 
@@ -28,6 +29,10 @@ def _think_answer_pattern(tag: str) -> re.Pattern:
 @register_reward("format")
 def format_reward(x: RewardInput) -> float:
     """1.0 if the completion has the paper's <think>...</think> then answer structure (reward.format_style), else 0.0."""
+    if x.cfg.format_style == "marked_answer":
+        # instruct models: the answer sits in a \\boxed{} or an answer tag (whichever answer_extractors names).
+        marked = [n for n in (x.cfg.answer_extractors or MARKED_EXTRACTORS) if n in MARKED_EXTRACTORS]
+        return 1.0 if any(extract_with(x.completion, n, x.cfg.answer_tag) is not None for n in marked) else 0.0
     if x.cfg.format_style == "think_close":
         # open-rs: the chat template opens <think>; the completion must close it exactly once.
         return 1.0 if x.completion.count("\n</think>\n") == 1 else 0.0

@@ -31,9 +31,10 @@ class RewardInput:
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def answer(self) -> Optional[str]:
-        """The completion's final answer (configured tag, else last \\boxed{}), or None."""
+        """The completion's final answer (reward.answer_extractors in order; default tag if set, else last \\boxed{}), or None."""
         if "answer" not in self._memo:
-            self._memo["answer"] = completion_answer(self.completion, self.cfg.answer_tag)
+            self._memo["answer"] = completion_answer(self.completion, self.cfg.answer_tag,
+                                                    self.cfg.answer_extractors)
         return self._memo["answer"]
 
     def correct(self) -> float:

@@ -42,7 +42,8 @@ class SamplingSpec:
     seed: Optional[int] = None
     """Sampling seed; prompt i of a batch uses seed + i so batches reproduce. None = unseeded."""
     logprobs: bool = False
-    """Also return the log-prob of each sampled token (raw model distribution, before temperature)."""
+    """Also return the log-prob of each sampled token (raw, or after temperature and top-k/top-p when the engine
+    runs with vLLM's logprobs_mode=processed_logprobs, as the trainer starts it by default)."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -387,6 +387,22 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
     With `max_prompt_tokens`, the engines' context is max_prompt_tokens + rollout.max_new_tokens (not the
     model's full context), which bounds vLLM's per-step token budget and its warm-up batch.
     """
+    binds: tuple[Optional[str], Optional[str]] = (None, None)
+    cuda = current_platform().cuda
+    if (reference and rollout_cfg.overlap_reference and not cuda
+            and "cpu_threads_bind" not in kwargs and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
+        binds = split_cpu_cores(sorted(os.sched_getaffinity(0)))
+    common = engine_kwargs(model_path, rollout_cfg, max_prompt_tokens, **kwargs)
+    transport = {"weight_transport": getattr(rollout_cfg, "weight_transport", "auto")}
+    policy = VLLMRolloutEngine(model_path, role="policy", **common, **transport, **_bind(binds[0]))
+    if reference and cuda:
+        policy.sleep()  # GPU: free its memory so the reference engine can start; the first generate wakes it
+    ref = VLLMRolloutEngine(model_path, role="reference", **common, **_bind(binds[1])) if reference else None
+    return policy, ref
+
+
+def engine_kwargs(model_path: str, rollout_cfg: Any, max_prompt_tokens: Optional[int], **kwargs: Any) -> dict[str, Any]:
+    """`VLLMRolloutEngine` keyword arguments from a `RolloutConfig` (both roles); `kwargs` override them."""
     if max_prompt_tokens is not None and "max_model_len" not in kwargs:
         context = int(max_prompt_tokens) + int(rollout_cfg.max_new_tokens)
         try:
@@ -395,25 +411,9 @@ def build_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True, 
         except (OSError, ValueError):
             model_context = None  # the engine reports the bad model directory itself
         kwargs["max_model_len"] = min(context, int(model_context)) if model_context else context
-    binds: tuple[Optional[str], Optional[str]] = (None, None)
-    cuda = current_platform().cuda
-    if (reference and rollout_cfg.overlap_reference and not cuda
-            and "cpu_threads_bind" not in kwargs and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ):
-        binds = split_cpu_cores(sorted(os.sched_getaffinity(0)))
-    common = dict(
-        dtype=rollout_cfg.dtype,
-        memory_fraction=rollout_cfg.memory_fraction,
-        seed=rollout_cfg.seed,
-        weight_sync_bucket_mb=rollout_cfg.weight_sync_bucket_mb,
-        weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
-    )
-    common.update(kwargs)
-    transport = {"weight_transport": getattr(rollout_cfg, "weight_transport", "auto")}
-    policy = VLLMRolloutEngine(model_path, role="policy", **common, **transport, **_bind(binds[0]))
-    if reference and cuda:
-        policy.sleep()  # GPU: free its memory so the reference engine can start; the first generate wakes it
-    ref = VLLMRolloutEngine(model_path, role="reference", **common, **_bind(binds[1])) if reference else None
-    return policy, ref
+    r = rollout_cfg
+    return {**dict(dtype=r.dtype, memory_fraction=r.memory_fraction, seed=r.seed, weight_sync_bucket_mb=r.weight_sync_bucket_mb,
+                   weight_sync_timeout_s=r.weight_sync_timeout_s), **kwargs}
 
 
 def _bind(cpus: Optional[str]) -> dict[str, str]:

@@ -11,16 +11,17 @@ import torch
 import torch.distributed as dist
 
 from aapo_megatron.config import Config, ConfigError, OptimConfig
-from aapo_megatron.convert.hf_io import HFCheckpointReader
-from aapo_megatron.convert.mapping import WeightMapping
-from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, load_mcore_checkpoint, read_arch
+from aapo_megatron.checkpoint.hf import HFCheckpointReader
+from aapo_megatron.models.mapping import WeightMapping
+from aapo_megatron.checkpoint.mcore import is_mcore_checkpoint, load_mcore_checkpoint, read_arch
 from aapo_megatron.data.tokenizer import tokenizer_for_config
 from aapo_megatron.distributed import current_platform
 from aapo_megatron.models.activation_memory import model_config_overrides
 from aapo_megatron.models.arch import ArchSpec
 from aapo_megatron.models.gpt import build_policy, resolve_dtype
 from aapo_megatron.models.weights import load_hf_weights, model_naming
-from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
+from aapo_megatron.checkpoint.errors import CheckpointError
+from aapo_megatron.checkpoint.manager import CheckpointInfo, CheckpointManager
 from aapo_megatron.trainer.optim import build_optimizer as megatron_optimizer
 from aapo_megatron.trainer.optim import build_scheduler, wrap_ddp
 from aapo_megatron.trainer.rank_zero import on_rank0

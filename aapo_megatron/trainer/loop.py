@@ -23,13 +23,14 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from aapo_megatron.checkpoint.errors import CheckpointError, CheckpointSaveError
+from aapo_megatron.checkpoint.manager import CheckpointManager
 from aapo_megatron.config import Config, ConfigError, dump_yaml
 from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_SAVE_FAILED, EXIT_STOPPED, AapoError
 from aapo_megatron.distributed import current_layout, init_distributed, seed_everything, teardown_distributed
-from aapo_megatron.models.reference import build_run_reference
+from aapo_megatron.trainer.reference import build_run_reference
 from aapo_megatron.trainer import build, reference_identity, sft, timeshare, weights_out
 from aapo_megatron.trainer.batch import RolloutBatch
-from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from aapo_megatron.trainer.errors import TrainingError  # noqa: F401 - part of this module's public names
 from aapo_megatron.trainer.losses import loss_name_for
 from aapo_megatron.trainer.metrics import MetricsLogger
@@ -103,7 +104,7 @@ class TrainingJob:
         self.state = LoopState()
         self.tokenizer = self.spec = self.dtype = self.model = self.mapping = None  # set by bring-up
         self.chunks = self.optimizer = self.scheduler = None  # DDP-wrapped policy, optimizer, LR schedule
-        self.reference = None  # models.reference.ReferenceModel, every rank, when the run needs one
+        self.reference = None  # trainer.reference.ReferenceModel, every rank, when the run needs one
         self.rollout = RolloutSide(cfg, self.group, self.is_rank0)
         self.sampler = self.reference_cache = None  # rank 0's RL sampler and reference cache, once RL starts
         self.metrics: Optional[MetricsLogger] = None

@@ -208,7 +208,7 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
         else:
             capacity = int(cfg.plan.device_memory_gb * GIB)
     from aapo_megatron.models.gpt import resolve_dtype
-    from aapo_megatron.models.reference import needs_reference
+    from aapo_megatron.trainer.reference import needs_reference
 
     dtype = resolve_dtype(cfg.model.dtype)
     pbytes = torch.finfo(dtype).bits // 8
@@ -268,7 +268,7 @@ def arch_for_plan(cfg: Config) -> ArchSpec:
     if path is None:
         return ArchSpec.from_scratch(cfg.model.scratch)
     if os.path.exists(path):
-        from aapo_megatron.convert.mcore_io import is_mcore_checkpoint, read_arch
+        from aapo_megatron.checkpoint.mcore import is_mcore_checkpoint, read_arch
 
         return read_arch(path) if is_mcore_checkpoint(path) else ArchSpec.from_hf_dir(path)
     if cfg.plan.hf_config is None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch.distributed as dist
 
 from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from aapo_megatron.algorithms.temperature import engine_logprobs_mode
 from aapo_megatron.config import Config, ConfigError
 from aapo_megatron.data.dataset import PromptDataset
 from aapo_megatron.data.sampler import ResumableSampler
@@ -120,11 +121,11 @@ class RolloutSide:
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size)
-        from aapo_megatron.rollout.vllm_engine import build_engines  # vLLM, colocated runs only
+        from aapo_megatron.rollout.layout import open_engines  # vLLM, colocated runs only
 
         log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")
-        return build_engines(self.hf_init, cfg.rollout, reference=reference,
-                             max_prompt_tokens=cfg.data.max_prompt_tokens)
+        return open_engines(self.hf_init, cfg.rollout, reference=reference,
+                             max_prompt_tokens=cfg.data.max_prompt_tokens, logprobs_mode=engine_logprobs_mode(cfg))
 
     def restart(self) -> None:
         """Collective: rank 0 closes both engines and opens them again (a failure here stops every rank)."""

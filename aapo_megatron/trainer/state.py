@@ -4,7 +4,7 @@
     <step dir>/trainer.pt        rank 0: step, LR scheduler, data sampler, counters, reference cache, config
     <step dir>/rng/rank_XXXXX.pt every rank's RNG states (python, numpy, torch)
 
-The directory itself is made atomic and verified by `trainer.checkpoint.CheckpointManager`.
+The directory itself is made atomic and verified by `checkpoint.manager.CheckpointManager`.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ def save_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], opt
 def load_model_and_optimizer(path: str, model_chunks: list[torch.nn.Module], optimizer=None) -> None:
     """Collective: load what `save_model_and_optimizer` wrote, into models built with any TP/PP.
 
-    Model `_extra_state` entries the checkpoint lacks keep their initial value (`convert.extra_state`); any other
+    Model `_extra_state` entries the checkpoint lacks keep their initial value (`checkpoint.extra_state`); any other
     absent entry is a MissingTensorError naming it.
     """
-    from aapo_megatron.convert.extra_state import load_module_state, load_tolerating_extra_state
+    from aapo_megatron.checkpoint.extra_state import load_module_state, load_tolerating_extra_state
 
     state = {"model": _model_sharded_state_dict(model_chunks)}
     if optimizer is not None:

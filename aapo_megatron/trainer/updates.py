@@ -12,7 +12,7 @@ from aapo_megatron.models.activation_memory import sequence_multiple
 from aapo_megatron.distributed import ParallelLayout
 from aapo_megatron.trainer.batch import RolloutBatch, shard_indices
 from aapo_megatron.trainer.errors import TrainingError
-from aapo_megatron.trainer.losses import build_loss_fn
+from aapo_megatron.trainer.losses import build_loss_fn, update_loss_settings
 from aapo_megatron.trainer.train_step import StepStats, micro_batcher, run_update
 
 log = logging.getLogger("aapo_megatron.trainer")
@@ -31,9 +31,11 @@ def run_updates(batch: RolloutBatch, num_updates: int, loss_name: str, cfg: Conf
         mini = range(u * per_update, (u + 1) * per_update)
         mine = shard_indices(len(mini), layout.dp_rank, layout.dp_size)
         micro = micro_batches(range(mini.start + mine.start, mini.start + mine.stop))
+        temperature, weights = update_loss_settings(cfg, batch, mini, loss_name)
         if reference is not None:
-            reference.fill_ref_logprobs(micro)
-        loss_fn = build_loss_fn(loss_name, cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0))
+            reference.fill_ref_logprobs(micro, temperature)
+        loss_fn = build_loss_fn(loss_name, cfg.algorithm, track_mismatch=(u == 0), on_policy=(u == 0),
+                                temperature=temperature, sample_weights=weights)
         results.append(run_update(chunks, optimizer, scheduler, micro, loss_fn, cfg.optim.clip_grad))
     return results
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from aapo_megatron.convert.hf_io import SafetensorsShardWriter, finalize_shards, write_config
+from aapo_megatron.checkpoint.hf_writer import SafetensorsShardWriter, finalize_shards, write_config
 from aapo_megatron.models.arch import ArchSpec, to_hf_config
 from aapo_megatron.models.weights import iter_hf_tensors
 from aapo_megatron.trainer import timeshare

@@ -33,8 +33,8 @@ def _leftovers(parent) -> list[str]:
 
 @pytest.mark.slow
 def test_cli_bf16_round_trip_and_failures(tmp_path):
-    from aapo_megatron.convert.hf_io import INDEX_NAME, HFCheckpointReader
-    from aapo_megatron.convert.mcore_io import METADATA_NAME, read_arch
+    from aapo_megatron.checkpoint.hf import INDEX_NAME, HFCheckpointReader
+    from aapo_megatron.checkpoint.mcore import METADATA_NAME, read_arch
 
     hf = str(tmp_path / "hf")
     sd = save_tiny_hf("qwen2_tied", hf, dtype=torch.bfloat16, max_shard_size="20KB")

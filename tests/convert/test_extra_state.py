@@ -66,9 +66,9 @@ def _attentions(model):
 def _body(rank: int, world: int, tmp: str) -> dict:
     from megatron.core import dist_checkpointing
 
+    from aapo_megatron.checkpoint.errors import MissingTensorError
+    from aapo_megatron.checkpoint.mcore import load_mcore_checkpoint, save_mcore_checkpoint
     from aapo_megatron.config import OptimConfig, ParallelConfig
-    from aapo_megatron.convert.errors import MissingTensorError
-    from aapo_megatron.convert.mcore_io import load_mcore_checkpoint, save_mcore_checkpoint
     from aapo_megatron.models.gpt import build_gpt_model
     from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.trainer.optim import build_optimizer, guarded_update, wrap_ddp

@@ -9,21 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aapo_megatron.convert.errors import (
-    ConversionError,
-    CorruptShardError,
-    MissingTensorError,
-    OutputExistsError,
-    ShapeMismatchError,
-)
-from aapo_megatron.convert.hf_io import (
-    INDEX_NAME,
-    HFCheckpointReader,
-    SafetensorsShardWriter,
-    finalize_shards,
-    parse_size,
-    write_config,
-)
+from aapo_megatron.checkpoint.errors import ConversionError, CorruptShardError, MissingTensorError, ShapeMismatchError
+from aapo_megatron.checkpoint.hf import INDEX_NAME, HFCheckpointReader, parse_size
+from aapo_megatron.checkpoint.hf_writer import SafetensorsShardWriter, finalize_shards, write_config
+from aapo_megatron.convert.outdir import OutputExistsError
 from aapo_megatron.convert.outdir import atomic_output_dir
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from aapo_megatron.convert.errors import ConversionError, ShapeMismatchError
+from aapo_megatron.checkpoint.errors import ConversionError, ShapeMismatchError
 from aapo_megatron.convert.launch import run_workers
 
 

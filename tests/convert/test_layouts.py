@@ -31,8 +31,8 @@ def _forward(model, ids, pad, vocab_size):
 
 
 def _load(spec, ckpt, tp, pp):
+    from aapo_megatron.checkpoint.mcore import load_mcore_checkpoint
     from aapo_megatron.config import ParallelConfig
-    from aapo_megatron.convert.mcore_io import load_mcore_checkpoint
     from aapo_megatron.models.gpt import build_reference
     from aapo_megatron.distributed import init_distributed
 
@@ -45,9 +45,9 @@ def _load(spec, ckpt, tp, pp):
 def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
     import torch.distributed as dist
 
-    from aapo_megatron.convert.hf_io import finalize_shards, write_config
+    from aapo_megatron.checkpoint.hf_writer import finalize_shards, write_config
+    from aapo_megatron.checkpoint.mcore import save_mcore_checkpoint
     from aapo_megatron.convert.hf_to_mcore import _hf_to_mcore_worker
-    from aapo_megatron.convert.mcore_io import save_mcore_checkpoint
     from aapo_megatron.convert.mcore_to_hf import _mcore_to_hf_worker
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.distributed import teardown_distributed
@@ -77,7 +77,7 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
             write_config(hf_out, config)
         dist.barrier()
         if rank == 0:
-            from aapo_megatron.convert.mcore_io import checkpoint_tensors
+            from aapo_megatron.checkpoint.mcore import checkpoint_tensors
 
             r["rows"] = (checkpoint_tensors(mc)["embedding.word_embeddings.weight"][0][0],
                          checkpoint_tensors(mc_tp2)["embedding.word_embeddings.weight"][0][0])
@@ -88,7 +88,7 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
 
 @pytest.mark.slow
 def test_checkpoint_loads_at_tp2_tp1_pp2_and_round_trips(tiny_hf_dirs, tmp_path):
-    from aapo_megatron.convert.hf_io import HFCheckpointReader
+    from aapo_megatron.checkpoint.hf import HFCheckpointReader
 
     cases = {}
     for kind, (hf_dir, _, ids, pad, _) in tiny_hf_dirs.items():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aapo_megatron.convert.mapping import (
+from aapo_megatron.models.arch import ArchSpec
+from aapo_megatron.models.mapping import (
     EMBEDDING,
     FINAL_NORM,
     OUTPUT_LAYER,
@@ -16,7 +17,6 @@ from aapo_megatron.convert.mapping import (
     stage_layer_range,
     unshard_tensor,
 )
-from aapo_megatron.models.arch import ArchSpec
 from tests.models.tiny_hf import KINDS, hf_state_dict, tiny_hf_config, tiny_hf_model
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aapo_megatron.convert.errors import ConversionError
-from aapo_megatron.convert.hf_io import HFCheckpointReader
+from aapo_megatron.checkpoint.errors import ConversionError
+from aapo_megatron.checkpoint.hf import HFCheckpointReader
 from aapo_megatron.convert.hf_to_mcore import choose_workers, resolve_dtype_name, validate_hf_checkpoint
 from aapo_megatron.models.arch import ArchSpec
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from aapo_megatron.convert.hf_io import (
-    HFCheckpointReader,
+from aapo_megatron.checkpoint.hf import HFCheckpointReader
+from aapo_megatron.checkpoint.hf_writer import (
     SafetensorsShardWriter,
     SafetensorsStreamWriter,
     finalize_shards,
@@ -87,7 +87,7 @@ def test_stream_writer_refuses_out_of_order_wrong_shape_and_incomplete(tmp_path)
 def test_reader_read_matches_safetensors_and_names_truncation(tmp_path):
     from safetensors.torch import save_file
 
-    from aapo_megatron.convert.errors import CorruptShardError
+    from aapo_megatron.checkpoint.errors import CorruptShardError
 
     tensors = {n: t.contiguous() for n, t in _tensors().items()}
     save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -142,8 +142,8 @@ def test_conversions_hold_a_few_tensors_not_the_stage(tmp_path):
     assert largest <= res.peak_live_bytes <= 2 * largest, (res.peak_live_bytes, largest, total)
     assert res.worker_base_rss > 100 * 2**20  # a real process with torch + Megatron, measured before any weight
 
-    from aapo_megatron.convert.errors import MissingTensorError
-    from aapo_megatron.convert.mcore_io import CheckpointTensorReader
+    from aapo_megatron.checkpoint.errors import MissingTensorError
+    from aapo_megatron.checkpoint.mcore import CheckpointTensorReader
 
     mc = str(tmp_path / "mcore")
     ckpt = CheckpointTensorReader(mc)

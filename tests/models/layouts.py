@@ -47,9 +47,9 @@ def _layout_body(rank: int, world_size: int, tp: int, pp: int) -> dict:
 
 
 def _parity_one(kind: str) -> dict:
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import attention_mask_and_position_ids, build_reference
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import current_layout
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
 
@@ -120,9 +120,9 @@ def _loss_inputs(ids: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, to
 def _foundation_one(rank: int) -> dict:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import attention_mask_and_position_ids, build_policy, build_reference
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
 
     spec = ArchSpec.from_scratch(scratch_config())

@@ -49,7 +49,7 @@ def _hf_logprobs(hf, batch) -> list[list[float]]:
 
 def _save_hf_dir(out_dir: str, spec, sd: dict) -> None:
     """Write `sd` as an HF directory the way the trainer writes hf_init (safetensors shards + config.json)."""
-    from aapo_megatron.convert.hf_io import SafetensorsShardWriter, finalize_shards, write_config
+    from aapo_megatron.checkpoint.hf_writer import SafetensorsShardWriter, finalize_shards, write_config
     from aapo_megatron.models.arch import to_hf_config
 
     writer = SafetensorsShardWriter(out_dir, max_shard_bytes=1 << 30)
@@ -63,12 +63,12 @@ def reference_checks() -> dict:
     """Run the reference checks in the current layout (parallel_state initialised); picklable facts."""
     from megatron.core import parallel_state as ps
 
+    from aapo_megatron.checkpoint.hf import HFCheckpointReader
     from aapo_megatron.config import AlgorithmConfig, OptimConfig
-    from aapo_megatron.convert.hf_io import HFCheckpointReader
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
-    from aapo_megatron.models.reference import ReferenceModel
+    from aapo_megatron.models.mapping import WeightMapping
+    from aapo_megatron.trainer.reference import ReferenceModel
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
     from aapo_megatron.trainer.losses import build_loss_fn
     from aapo_megatron.trainer.optim import build_optimizer, build_scheduler, torch_optimizers, wrap_ddp

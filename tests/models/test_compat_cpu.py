@@ -160,9 +160,9 @@ def _optimizer_body(rank: int, world_size: int):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from aapo_megatron.config import ParallelConfig, ScratchModelConfig
-    from aapo_megatron.convert.mapping import OUTPUT_LAYER, WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import attention_mask_and_position_ids, build_policy
+    from aapo_megatron.models.mapping import OUTPUT_LAYER, WeightMapping
     from aapo_megatron.distributed import current_layout, init_distributed, seed_everything, teardown_distributed
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
     from tests.models.layouts import _loss_inputs, hf_from_spec

@@ -25,6 +25,9 @@ def _case(seed, n, v, dtype):
     return x.to(dtype), t, g
 
 
+TEMPERATURE = 0.7
+
+
 def _body(rank, world_size, tp):
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -68,6 +71,11 @@ def _compare_one(rank, tp, group, dtype):
         loss, _, _ = fused_logprob_loss(leaf * 1, t, coef, tp_group=group, inplace=True)
         loss.backward()
         out[f"fused_grad_{kind}"] = leaf.grad.float()
+    # at the sampling temperature: log_softmax(x / T) over the full vocabulary, across the shards
+    leaf = x_local.clone().requires_grad_(True)
+    loss, lp, _ = fused_logprob_loss(leaf * 1, t, -g, tp_group=group, temperature=TEMPERATURE)
+    loss.backward()
+    out["temperature_logp"], out["temperature_grad"] = lp, leaf.grad.float()
     return out
 
 
@@ -100,5 +108,13 @@ def _check(tp, dtype, results):
             assert_grad_close(grad, grad_ref, dtype)
         for kind in ("tensor", "callable"):
             assert_grad_close(out[f"fused_grad_{kind}"], grad_ref, dtype)
+    xt = (torch.div(x, TEMPERATURE)).double().requires_grad_(True)  # x / T rounded in x's dtype, as the op does
+    lp_t = torch.log_softmax(xt, -1).gather(1, t[:, None])[:, 0]
+    (-lp_t * g.double()).sum().backward()
+    for rank, out in enumerate(results):
+        shard = 1000 // tp
+        torch.testing.assert_close(out["temperature_logp"].double().view(-1), lp_t.detach(), rtol=1e-6, atol=2e-5)
+        grad_t = xt.grad[:, rank * shard : (rank + 1) * shard].view(6, 2, shard) / TEMPERATURE
+        assert_grad_close(out["temperature_grad"], grad_t, dtype)
     if tp == 2:
         torch.testing.assert_close(results[0]["logp_False"], results[1]["logp_False"], rtol=0, atol=0)

@@ -44,11 +44,11 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     return out
 
 
-def hf_token_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """log p(completion_t | prompt, completion_<t) under an HF model, [T] fp32."""
+def hf_token_logprobs(model, prompt: list[int], completion: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log p(completion_t | prompt, completion_<t) under softmax(HF logits / temperature), [T] fp32."""
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0, len(prompt) - 1:-1]  # [T, V]
+        logp = torch.log_softmax(model(ids).logits.float() / temperature, dim=-1)[0, len(prompt) - 1:-1]  # [T, V]
     return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
@@ -71,8 +71,9 @@ def model_dirs(tmp_path_factory):
 def _engine(path: str, role: str):
     from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine
 
+    # processed_logprobs: what the trainer asks for by default (algorithm.logprob_temperature=sampling)
     return VLLMRolloutEngine(path, role=role, dtype="float32", kv_cache_bytes=64 << 20, max_model_len=256,
-                             weight_sync_bucket_mb=0.25, weight_sync_timeout_s=60.0)
+                             weight_sync_bucket_mb=0.25, weight_sync_timeout_s=60.0, logprobs_mode="processed_logprobs")
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,9 @@ def _sync_from_megatron(rank: int, world_size: int, hf_dir: str, url: str, seed:
     from safetensors.torch import load_file
 
     from aapo_megatron.config import ParallelConfig
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import init_distributed
     from aapo_megatron.models.weights import gather_hf_state_dict, iter_hf_tensors, load_hf_weights, model_naming
     from aapo_megatron.rollout.client import RemoteRolloutEngine

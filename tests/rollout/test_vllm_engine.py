@@ -95,6 +95,20 @@ def test_logprob_mismatch_near_zero_fp32(policy_engine, model_dirs):
     assert logprob_mismatch(rollout, other, mask).mean > 0.1
 
 
+def test_logprob_mismatch_at_sampling_temperature(policy_engine, model_dirs):
+    """At T=0.7 the engine (processed_logprobs) returns log_softmax(logits / T), the trainer's default log-probs."""
+    _, models = model_dirs
+    policy_engine.update_weights(hf_named_tensors(models["b"]))
+    out = policy_engine.generate(PROMPTS, SamplingSpec(n=2, temperature=0.7, max_tokens=16, seed=3, logprobs=True))
+    pairs = [(p, c) for p, g in zip(PROMPTS, out.completions) for c in g]
+    rollout, mask = pad_logprobs([c.logprobs for _, c in pairs], 16)
+    at_t = pad_logprobs([hf_token_logprobs(models["b"], p, c.token_ids, 0.7).tolist() for p, c in pairs], 16)[0]
+    raw = pad_logprobs([hf_token_logprobs(models["b"], p, c.token_ids).tolist() for p, c in pairs], 16)[0]
+    m = logprob_mismatch(rollout, at_t, mask)
+    assert m.num_tokens > 0 and m.mean < 1e-4 and m.max < 1e-3, m
+    assert logprob_mismatch(rollout, raw, mask).mean > 0.01  # not the raw (T=1) log-probs
+
+
 def test_seeded_sampling_reproduces(policy_engine):
     spec = SamplingSpec(n=4, temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=123)
     a = policy_engine.generate(PROMPTS, spec).completions

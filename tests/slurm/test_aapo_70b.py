@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from aapo_megatron.trainer.checkpoint import LATEST, MANIFEST, verify
+from aapo_megatron.checkpoint.manager import LATEST, MANIFEST, verify
 from tests.slurm.helpers import read_jsonl, read_text, release_requeued, submit_70b, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_convert_job_writes_a_megatron_checkpoint(slurm_cluster, tmp_path):
-    from aapo_megatron.convert.mcore_io import METADATA_NAME, read_arch
+    from aapo_megatron.checkpoint.mcore import METADATA_NAME, read_arch
 
     hf, mcore = tmp_path / "hf", tmp_path / "mcore"
     save_tiny_hf("qwen2_tied", str(hf))

@@ -53,10 +53,10 @@ def _one(variant: str, pack: bool) -> dict:
     from megatron.core import parallel_state as ps
 
     from aapo_megatron.config import OptimConfig, load_config
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.activation_memory import model_config_overrides, sequence_multiple
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.models.weights import gather_hf_state_dict, load_hf_weights, model_naming
     from aapo_megatron.trainer.losses import build_loss_fn
     from aapo_megatron.trainer.optim import build_optimizer, wrap_ddp

@@ -52,8 +52,8 @@ def _train(cfg, spec, init: dict, dtype: str) -> dict:
     from megatron.core.optimizer import Float16OptimizerWithFloat16Params
 
     from aapo_megatron.config import OptimConfig
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.gpt import build_policy
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.models.weights import load_hf_weights, model_naming
     from aapo_megatron.trainer.losses import build_loss_fn
     from aapo_megatron.trainer.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -89,8 +89,8 @@ def _train(cfg, spec, init: dict, dtype: str) -> dict:
 
 def _body(rank: int, world_size: int) -> dict:
     from aapo_megatron.config import load_config
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import init_distributed, seed_everything, teardown_distributed
 
     results = {}

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from aapo_megatron.trainer.checkpoint import CheckpointError, CheckpointManager, verify
+from aapo_megatron.checkpoint.errors import CheckpointError
+from aapo_megatron.checkpoint.manager import CheckpointManager, verify
 
 
 def _payload(step):

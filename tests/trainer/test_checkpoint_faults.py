@@ -42,7 +42,8 @@ def _fill(mount, leave_bytes):
 
 
 def _faults_body(rank, world, mount):
-    from aapo_megatron.trainer.checkpoint import CheckpointManager, CheckpointSaveError, verify
+    from aapo_megatron.checkpoint.errors import CheckpointSaveError
+    from aapo_megatron.checkpoint.manager import CheckpointManager, verify
 
     chunks, opt = _tiny_job()
     root = os.path.join(mount, "checkpoints")

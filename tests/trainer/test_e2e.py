@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aapo_megatron.trainer.checkpoint import CheckpointManager, verify
+from aapo_megatron.checkpoint.manager import CheckpointManager, verify
 from aapo_megatron.trainer.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

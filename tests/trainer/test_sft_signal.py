@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aapo_megatron.trainer.checkpoint import CheckpointManager
+from aapo_megatron.checkpoint.manager import CheckpointManager
 from aapo_megatron.trainer.metrics import read_metrics
 from tests.trainer.test_e2e import _cmd, _env, _wait_for
 

@@ -50,9 +50,9 @@ def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fu
     from megatron.core import parallel_state as ps
 
     from aapo_megatron.config import OptimConfig, load_config
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
+    from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import init_distributed, seed_everything
     from aapo_megatron.models.weights import gather_hf_state_dict, model_naming
     from aapo_megatron.trainer.batch import shard_indices
@@ -133,8 +133,8 @@ def _reference_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aapo_megatron.config import load_config
-    from aapo_megatron.convert.mapping import WeightMapping
     from aapo_megatron.models.arch import ArchSpec, to_hf_config
+    from aapo_megatron.models.mapping import WeightMapping
 
     cfg = load_config(None, ["model.scratch.vocab_size=64", "model.scratch.num_layers=2"])
     spec = ArchSpec.from_scratch(cfg.model.scratch)

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from aapo_megatron.convert.errors import ConversionError, MissingTensorError, ShapeMismatchError
+from aapo_megatron.checkpoint.errors import ConversionError, MissingTensorError, ShapeMismatchError
 from aapo_megatron.models.arch import ArchSpec
 
 METADATA_NAME = "aapo_checkpoint.json"
@@ -42,7 +42,8 @@ def write_checkpoint_metadata(ckpt_dir: str, hf_config: dict[str, Any], dtype: s
                               hf_files_dir: Optional[str] = None, hf_files: tuple[str, ...] = (),
                               extra: Optional[dict[str, Any]] = None) -> None:
     """Write aapo_checkpoint.json and hf/config.json, then copy `hf_files` (may include config.json) from hf_files_dir."""
-    from aapo_megatron.convert.hf_io import copy_files, write_config
+    from aapo_megatron.checkpoint.hf import copy_files
+    from aapo_megatron.checkpoint.hf_writer import write_config
 
     spec = ArchSpec.from_hf_config(hf_config)
     meta = {
@@ -114,7 +115,7 @@ def expected_checkpoint_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     Transformer Engine names in either layer spec; vocab rows are unpadded (a checkpoint saved at a TP that pads
     the vocabulary has more rows).
     """
-    from aapo_megatron.convert.mapping import WeightMapping
+    from aapo_megatron.models.mapping import WeightMapping
 
     mapping = WeightMapping(spec, naming="te")
     out = {}
@@ -146,7 +147,7 @@ def validate_mcore_checkpoint(ckpt_dir: str, spec: ArchSpec) -> torch.dtype:
                 f"tensor '{key}' has shape {list(got)} in the Megatron checkpoint {ckpt_dir} "
                 f"but the architecture needs {list(shape)}"
             )
-    from aapo_megatron.convert.mapping import EMBEDDING
+    from aapo_megatron.models.mapping import EMBEDDING
 
     return stored[EMBEDDING][1]
 
@@ -191,12 +192,12 @@ def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str) -> None:
 
     The directory may be an aapo-convert output or a trainer checkpoint's model/ (its optimizer state is ignored).
     Model `_extra_state` entries the checkpoint lacks (TE modules, checkpoint written with the local spec) keep their
-    initial value; any other absent entry is a MissingTensorError naming it (`convert.extra_state`).
+    initial value; any other absent entry is a MissingTensorError naming it (`checkpoint.extra_state`).
 
     Tensors are read in place into the parameters. For linear_fc1 the gate and up halves are read straight
     into views of the parameter, instead of Megatron's default of loading both and concatenating a copy.
     """
-    from aapo_megatron.convert.extra_state import load_module_state, load_tolerating_extra_state
+    from aapo_megatron.checkpoint.extra_state import load_module_state, load_tolerating_extra_state
     from aapo_megatron.models.weights import unwrap_model
 
     if not is_mcore_checkpoint(ckpt_dir):

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from aapo_megatron.convert.errors import MissingTensorError
+from aapo_megatron.checkpoint.errors import MissingTensorError
 
 EXTRA_STATE_SUFFIX = "_extra_state"
 

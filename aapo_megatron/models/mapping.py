@@ -1,6 +1,9 @@
-"""HF <-> Megatron-Core weight mapping: names, layouts, TP sharding and PP layer placement.
+"""The HF <-> Megatron-Core weight contract: names, layouts, TP sharding and PP layer placement.
 
-Pure tensor code, no torch.distributed. Three layers of API:
+Pure tensor code, no torch.distributed. The names come from the model family's HF name
+table (`models/families/`); the tensor math from its converters (`models.converters`) and
+the TP layouts (`models.tensor_layout`).
+Three layers of API:
 
 1. Names and groups. A `WeightGroup` is one Megatron tensor and the HF tensors it is
    made of (linear_qkv <- q_proj, k_proj, v_proj; linear_fc1 <- gate_proj, up_proj;
@@ -13,7 +16,8 @@ Pure tensor code, no torch.distributed. Three layers of API:
            hf = {n: reader.get(n) for n in m.layer_hf_names(i)}
            mc = m.hf_to_megatron_layer(i, hf)          # {global Megatron name: full tensor}
 
-2. Full-tensor conversion (`to_megatron` / `to_hf`) of one group, bitwise reversible:
+2. Full-tensor conversion (`to_megatron` / `to_hf`) of one group, bitwise reversible,
+   by the group's converter (`models.converters`):
    - linear_qkv uses Megatron's interleaved GQA layout: for each query group g,
      the rows are [q heads of g; k head g; v head g], i.e. [ng, (hpg + 2) * d, H];
    - linear_fc1 = [gate; up] along rows;
@@ -44,26 +48,23 @@ from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence, Uni
 import torch
 
 from aapo_megatron.models.arch import ArchSpec
+from aapo_megatron.models.converters import Converter, MappingError
+from aapo_megatron.models.families.base import (
+    EMBEDDING,
+    FINAL_NORM,
+    HF_EMBEDDING,
+    HF_FINAL_NORM,
+    HF_LM_HEAD,
+    OUTPUT_LAYER,
+    WeightEntry,
+)
+from aapo_megatron.models.tensor_layout import TPLayout, shard_shape, shard_tensor, stage_layer_range, unshard_tensor
 
 Naming = Literal["local", "te"]
-TPLayout = Literal["replicated", "column", "gated_column", "row", "vocab"]
-Converter = Literal["copy", "qkv", "qkv_bias", "fc1"]
 HFSource = Union[Mapping[str, torch.Tensor], Callable[[str], torch.Tensor]]
-
-EMBEDDING = "embedding.word_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
-
-HF_EMBEDDING = "model.embed_tokens.weight"
-HF_LM_HEAD = "lm_head.weight"
-HF_FINAL_NORM = "model.norm.weight"
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-class MappingError(ValueError):
-    """A tensor is missing, has the wrong shape, or its name is unknown to the mapping."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,13 @@ class WeightGroup:
     hf_names: tuple[str, ...]
     """HF names, in the order `to_megatron` concatenates them (q, k, v / gate, up)."""
     converter: Converter
-    """How the HF tensors combine: copy, qkv (interleaved GQA), qkv_bias, fc1 ([gate; up])."""
+    """How the HF tensors combine: COPY, QKV (interleaved GQA, weight or bias), GATE_UP ([gate; up])."""
     tp_layout: TPLayout
     """How the full Megatron tensor is split across TP ranks."""
     layer: Optional[int] = None
     """Global layer index, or None for the embedding / final norm / output layer."""
-
-
-def _hf_layer(i: int, suffix: str) -> str:
-    return f"model.layers.{i}.{suffix}"
+    shape: tuple[int, ...] = ()
+    """Full Megatron shape (vocab rows unpadded)."""
 
 
 def _mc_layer(i: int, suffix: str) -> str:
@@ -98,55 +97,27 @@ class WeightMapping:
             raise ValueError(f"naming must be 'local' or 'te', got {naming!r}")
         self.spec = spec
         self.naming: Naming = naming
+        self.family = spec.model_family
 
     # ------------------------------------------------------------------ groups
 
+    def _group(self, entry: WeightEntry, layer: Optional[int]) -> WeightGroup:
+        mc_prefix, hf_prefix = ("", "") if layer is None else (f"decoder.layers.{layer}.", f"model.layers.{layer}.")
+        return WeightGroup(mc_prefix + entry.megatron_name(self.naming), tuple(hf_prefix + n for n in entry.hf),
+                           entry.converter, entry.tp_layout, layer, entry.resolve_shape(self.spec))
+
     def layer_groups(self, layer: int) -> list[WeightGroup]:
-        """The weight groups of global layer `layer` (0-based)."""
-        s = self.spec
-        if not 0 <= layer < s.num_layers:
-            raise MappingError(f"layer index {layer} out of range [0, {s.num_layers})")
-        h = lambda suffix: _hf_layer(layer, suffix)  # noqa: E731
-        m = lambda suffix: _mc_layer(layer, suffix)  # noqa: E731
-        input_norm = "self_attention.linear_qkv.layer_norm_weight" if self.naming == "te" else "input_layernorm.weight"
-        mlp_norm = "mlp.linear_fc1.layer_norm_weight" if self.naming == "te" else "pre_mlp_layernorm.weight"
-        groups = [
-            WeightGroup(m(input_norm), (h("input_layernorm.weight"),), "copy", "replicated", layer),
-            WeightGroup(
-                m("self_attention.linear_qkv.weight"),
-                (h("self_attn.q_proj.weight"), h("self_attn.k_proj.weight"), h("self_attn.v_proj.weight")),
-                "qkv", "column", layer,
-            ),
-        ]
-        if s.qkv_bias:
-            groups.append(WeightGroup(
-                m("self_attention.linear_qkv.bias"),
-                (h("self_attn.q_proj.bias"), h("self_attn.k_proj.bias"), h("self_attn.v_proj.bias")),
-                "qkv_bias", "column", layer,
-            ))
-        if s.qk_norm:
-            groups.append(WeightGroup(m("self_attention.q_layernorm.weight"), (h("self_attn.q_norm.weight"),),
-                                      "copy", "replicated", layer))
-            groups.append(WeightGroup(m("self_attention.k_layernorm.weight"), (h("self_attn.k_norm.weight"),),
-                                      "copy", "replicated", layer))
-        groups += [
-            WeightGroup(m("self_attention.linear_proj.weight"), (h("self_attn.o_proj.weight"),), "copy", "row", layer),
-            WeightGroup(m(mlp_norm), (h("post_attention_layernorm.weight"),), "copy", "replicated", layer),
-            WeightGroup(m("mlp.linear_fc1.weight"), (h("mlp.gate_proj.weight"), h("mlp.up_proj.weight")),
-                        "fc1", "gated_column", layer),
-            WeightGroup(m("mlp.linear_fc2.weight"), (h("mlp.down_proj.weight"),), "copy", "row", layer),
-        ]
-        return groups
+        """The weight groups of global layer `layer` (0-based), in the family table's order."""
+        if not 0 <= layer < self.spec.num_layers:
+            raise MappingError(f"layer index {layer} out of range [0, {self.spec.num_layers})")
+        return [self._group(entry, layer) for entry in self.family.layer_weights]
 
     def global_groups(self) -> list[WeightGroup]:
         """Groups outside the layers: embedding, final norm and (untied only) the output layer."""
-        groups = [
-            WeightGroup(EMBEDDING, (HF_EMBEDDING,), "copy", "vocab"),
-            WeightGroup(FINAL_NORM, (HF_FINAL_NORM,), "copy", "replicated"),
-        ]
+        entries = list(self.family.global_weights)
         if not self.spec.tie_word_embeddings:
-            groups.append(WeightGroup(OUTPUT_LAYER, (HF_LM_HEAD,), "copy", "vocab"))
-        return groups
+            entries.append(self.family.output_weight)
+        return [self._group(entry, None) for entry in entries]
 
     def groups(self) -> list[WeightGroup]:
         """All groups: global ones first, then layer by layer."""
@@ -193,100 +164,36 @@ class WeightMapping:
     # ------------------------------------------------------------------ shapes
 
     def hf_shape(self, hf_name: str) -> tuple[int, ...]:
-        """Expected shape of an HF tensor."""
-        s = self.spec
-        if hf_name in (HF_EMBEDDING, HF_LM_HEAD):
-            return (s.vocab_size, s.hidden_size)
-        if hf_name == HF_FINAL_NORM:
-            return (s.hidden_size,)
-        match = _HF_LAYER_RE.match(hf_name)
-        if not match:
-            raise MappingError(f"unknown HF tensor {hf_name!r}")
-        suffix = match.group(2)
-        shapes = {
-            "input_layernorm.weight": (s.hidden_size,),
-            "post_attention_layernorm.weight": (s.hidden_size,),
-            "self_attn.q_proj.weight": (s.q_size, s.hidden_size),
-            "self_attn.k_proj.weight": (s.kv_size, s.hidden_size),
-            "self_attn.v_proj.weight": (s.kv_size, s.hidden_size),
-            "self_attn.q_proj.bias": (s.q_size,),
-            "self_attn.k_proj.bias": (s.kv_size,),
-            "self_attn.v_proj.bias": (s.kv_size,),
-            "self_attn.q_norm.weight": (s.head_dim,),
-            "self_attn.k_norm.weight": (s.head_dim,),
-            "self_attn.o_proj.weight": (s.hidden_size, s.q_size),
-            "mlp.gate_proj.weight": (s.ffn_hidden_size, s.hidden_size),
-            "mlp.up_proj.weight": (s.ffn_hidden_size, s.hidden_size),
-            "mlp.down_proj.weight": (s.hidden_size, s.ffn_hidden_size),
-        }
-        if suffix not in shapes:
-            raise MappingError(f"unknown HF tensor {hf_name!r}")
-        return shapes[suffix]
+        """Expected shape of an HF tensor (also lm_head.weight of a tied model, which has no group)."""
+        if hf_name in self.family.output_weight.hf and self.spec.tie_word_embeddings:
+            g = self._group(self.family.output_weight, None)
+        else:
+            g = self.group_of_hf(hf_name)
+        return g.converter.hf_shapes(self.spec, g.shape)[g.hf_names.index(hf_name)]
 
     def megatron_shape(self, megatron_name: str, tp_size: int = 1) -> tuple[int, ...]:
         """Shape of a Megatron tensor on one TP rank (tp_size=1: the full tensor; vocab rows unpadded)."""
         g = self.group(megatron_name)
-        s = self.spec
-        if g.converter == "qkv":
-            full = (s.q_size + 2 * s.kv_size, s.hidden_size)
-        elif g.converter == "qkv_bias":
-            full = (s.q_size + 2 * s.kv_size,)
-        elif g.converter == "fc1":
-            full = (2 * s.ffn_hidden_size, s.hidden_size)
-        else:
-            full = self.hf_shape(g.hf_names[0])
-        if tp_size == 1:
-            return full
-        if g.tp_layout == "replicated":
-            return full
-        if g.tp_layout == "vocab":
-            return (s.padded_vocab_size(tp_size) // tp_size,) + full[1:]
-        if g.tp_layout == "row":
-            return (full[0], full[1] // tp_size)
-        return (full[0] // tp_size,) + full[1:]
+        return shard_shape(g.shape, g.tp_layout, tp_size, self.spec.padded_vocab_size(tp_size))
 
     # ------------------------------------------------------------------ full-tensor conversion
 
     def to_megatron(self, group: WeightGroup, hf: HFSource) -> torch.Tensor:
         """Full Megatron tensor of `group` from its HF tensors (`hf`: dict or name -> tensor getter); checks shapes."""
-        tensors = [self._fetch(hf, name) for name in group.hf_names]
-        s = self.spec
-        if group.converter == "copy":
-            return tensors[0]
-        if group.converter == "fc1":
-            return torch.cat(tensors, dim=0)  # [2F, H] = [gate; up]
-        q, k, v = tensors
-        ng, hpg, d = s.num_key_value_heads, s.heads_per_group, s.head_dim
-        tail = q.shape[1:]  # (H,) for weights, () for biases
-        qkv = torch.cat(
-            [q.reshape(ng, hpg * d, *tail), k.reshape(ng, d, *tail), v.reshape(ng, d, *tail)], dim=1
-        )  # [ng, (hpg + 2) * d, (H)]
-        return qkv.reshape(ng * (hpg + 2) * d, *tail)
+        return group.converter.to_megatron(self.spec, [self.hf_tensor(hf, name) for name in group.hf_names])
 
     def to_hf(self, group: WeightGroup, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """HF tensors of `group` from its full Megatron tensor (vocab rows beyond vocab_size are dropped)."""
-        s = self.spec
         if group.tp_layout == "vocab":
-            tensor = tensor[: s.vocab_size]
+            tensor = tensor[: self.spec.vocab_size]
         expected = self.megatron_shape(group.megatron_name)
         if tuple(tensor.shape) != expected:
             raise MappingError(f"Megatron tensor {group.megatron_name!r} has shape {tuple(tensor.shape)}, "
                                f"expected {expected}")
-        if group.converter == "copy":
-            return {group.hf_names[0]: tensor}
-        if group.converter == "fc1":
-            gate, up = tensor.chunk(2, dim=0)
-            return {group.hf_names[0]: gate, group.hf_names[1]: up}
-        ng, hpg, d = s.num_key_value_heads, s.heads_per_group, s.head_dim
-        tail = tensor.shape[1:]
-        q, k, v = tensor.reshape(ng, (hpg + 2) * d, *tail).split([hpg * d, d, d], dim=1)
-        return {
-            group.hf_names[0]: q.reshape(ng * hpg * d, *tail),
-            group.hf_names[1]: k.reshape(ng * d, *tail),
-            group.hf_names[2]: v.reshape(ng * d, *tail),
-        }
+        return dict(zip(group.hf_names, group.converter.to_hf(self.spec, tensor)))
 
-    def _fetch(self, hf: HFSource, name: str) -> torch.Tensor:
+    def hf_tensor(self, hf: HFSource, name: str) -> torch.Tensor:
+        """HF tensor `name` from a dict or getter, after checking its shape (MappingError names it if absent)."""
         try:
             tensor = hf[name] if isinstance(hf, Mapping) else hf(name)
         except KeyError:
@@ -348,10 +255,9 @@ class WeightMapping:
         expected = self.megatron_shape(megatron_name)
         if tuple(full.shape) != expected:
             raise MappingError(f"Megatron tensor {megatron_name!r} has shape {tuple(full.shape)}, expected {expected}")
-        if g.converter in ("qkv", "qkv_bias") and self.spec.num_key_value_heads % tp_size:
-            # Each rank must hold whole query groups (Megatron requires num_query_groups % tp == 0).
-            raise MappingError(f"tp={tp_size} must divide num_key_value_heads={self.spec.num_key_value_heads} "
-                               f"to shard {megatron_name!r}")
+        problem = g.converter.tp_problem(self.spec, tp_size)
+        if problem:
+            raise MappingError(f"{problem} to shard {megatron_name!r}")
         return shard_tensor(full, g.tp_layout, tp_rank, tp_size, self.spec.padded_vocab_size(tp_size))
 
     def unshard(self, megatron_name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -385,19 +291,7 @@ class WeightMapping:
         if g.tp_layout == "vocab":
             start = tp_rank * expected[0]
             return {g.hf_names[0]: shard[: max(0, min(expected[0], s.vocab_size - start))]}
-        if g.converter == "copy":
-            return {g.hf_names[0]: shard}
-        if g.converter == "fc1":
-            gate, up = shard.chunk(2, dim=0)
-            return {g.hf_names[0]: gate, g.hf_names[1]: up}
-        ng, hpg, d = s.num_key_value_heads // tp_size, s.heads_per_group, s.head_dim
-        tail = shard.shape[1:]
-        q, k, v = shard.reshape(ng, (hpg + 2) * d, *tail).split([hpg * d, d, d], dim=1)
-        return {
-            g.hf_names[0]: q.reshape(ng * hpg * d, *tail),
-            g.hf_names[1]: k.reshape(ng * d, *tail),
-            g.hf_names[2]: v.reshape(ng * d, *tail),
-        }
+        return dict(zip(g.hf_names, g.converter.to_hf(s, shard, tp_size)))
 
     # ------------------------------------------------------------------ pipeline parallelism
 
@@ -446,75 +340,13 @@ class WeightMapping:
         return out
 
 
-# --------------------------------------------------------------------------- free functions
-
-
-def stage_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """Global layer indices [start, stop) of pipeline stage `pp_rank` when `num_layers` are split evenly."""
-    if pp_size <= 0 or num_layers % pp_size:
-        raise MappingError(f"pipeline size {pp_size} must divide the number of layers ({num_layers})")
-    if not 0 <= pp_rank < pp_size:
-        raise MappingError(f"pipeline rank {pp_rank} out of range [0, {pp_size})")
-    per = num_layers // pp_size
-    return range(pp_rank * per, (pp_rank + 1) * per)
-
-
-def shard_tensor(full: torch.Tensor, layout: TPLayout, tp_rank: int, tp_size: int,
-                 padded_rows: Optional[int] = None) -> torch.Tensor:
-    """TP slice of `full` for a layout: column [N/tp, ...], row [N, K/tp], gated_column [2F/tp, H], vocab [Vp/tp, H]."""
-    if not 0 <= tp_rank < tp_size:
-        raise MappingError(f"tensor-parallel rank {tp_rank} out of range [0, {tp_size})")
-    if layout == "replicated":
-        return full
-    if layout == "vocab":
-        rows = padded_rows if padded_rows is not None else full.shape[0]
-        if rows % tp_size:
-            raise MappingError(f"padded vocab size {rows} is not divisible by tp={tp_size}")
-        per = rows // tp_size
-        start, stop = tp_rank * per, (tp_rank + 1) * per
-        if stop <= full.shape[0]:
-            return full[start:stop]
-        out = full.new_zeros((per,) + tuple(full.shape[1:]))  # [Vp/tp, H], padding rows are zero
-        if start < full.shape[0]:
-            out[: full.shape[0] - start] = full[start:]
-        return out
-    if layout == "column":
-        _check_divisible(full.shape[0], tp_size, "rows")
-        return full.chunk(tp_size, dim=0)[tp_rank]
-    if layout == "row":
-        _check_divisible(full.shape[1], tp_size, "columns")
-        return full.chunk(tp_size, dim=1)[tp_rank]
-    if layout == "gated_column":
-        gate, up = full.chunk(2, dim=0)  # [F, H] each
-        _check_divisible(gate.shape[0], tp_size, "rows of each fc1 half")
-        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
-    raise MappingError(f"unknown TP layout {layout!r}")
-
-
-def unshard_tensor(shards: Sequence[torch.Tensor], layout: TPLayout, vocab_size: Optional[int] = None) -> torch.Tensor:
-    """Inverse of `shard_tensor`: concatenate TP shards (rank order); vocab rows cut back to `vocab_size`."""
-    if layout == "replicated":
-        return shards[0]
-    if len(shards) == 1 and layout != "vocab":
-        return shards[0]
-    if layout == "vocab":
-        full = torch.cat(list(shards), dim=0)
-        return full[:vocab_size] if vocab_size is not None else full
-    if layout == "column":
-        return torch.cat(list(shards), dim=0)
-    if layout == "row":
-        return torch.cat(list(shards), dim=1)
-    if layout == "gated_column":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    raise MappingError(f"unknown TP layout {layout!r}")
-
-
-def _check_divisible(n: int, tp_size: int, what: str) -> None:
-    if n % tp_size:
-        raise MappingError(f"{n} {what} are not divisible by tp={tp_size}")
-
-
 def detect_naming(names: Iterable[str]) -> Naming:
     """'te' if the Megatron names use Transformer Engine's fused layer-norm naming, else 'local'."""
     return "te" if any(n.endswith("layer_norm_weight") for n in names) else "local"
+
+
+__all__ = [
+    "EMBEDDING", "FINAL_NORM", "HF_EMBEDDING", "HF_FINAL_NORM", "HF_LM_HEAD", "OUTPUT_LAYER", "HFSource",
+    "MappingError", "Naming", "TPLayout", "WeightGroup", "WeightMapping", "detect_naming", "shard_tensor",
+    "stage_layer_range", "unshard_tensor",
+]

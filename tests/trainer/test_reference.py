@@ -53,7 +53,7 @@ def test_the_reference_is_built_only_when_the_run_needs_it():
     """kl_beta > 0 or reference_kl: a Megatron reference; otherwise none (no extra memory). A resume that lost
     hf_init is covered by tests/trainer/test_reference_identity.py."""
     from aapo_megatron.config import load_config
-    from aapo_megatron.models.reference import needs_reference
+    from aapo_megatron.trainer.reference import needs_reference
 
     assert needs_reference(load_config(None, ["algorithm.kl_beta=0.05"]))
     assert not needs_reference(load_config(None, []))
@@ -64,7 +64,7 @@ def test_host_offload_moves_weights_on_cuda_only():
     """CUDA: weights live in pinned host memory outside `on_device()`; CPU (the twin): nothing moves."""
     import torch
 
-    from aapo_megatron.models.reference import HostOffload
+    from aapo_megatron.trainer.reference import HostOffload
 
     cuda = torch.cuda.is_available()
     module = torch.nn.Linear(3, 2).to("cuda" if cuda else "cpu")

@@ -4,8 +4,8 @@
     reference.fill_ref_logprobs(micro_batches)   # sets MicroBatch.ref_logprobs [b, S] on the last PP stage
 
 It gives the reference log-probs of the k3 KL penalty (`algorithm.kl_beta > 0`) and of the `kl/reference`
-metric. The forward is the policy's (the same GPTModel call and fused log-prob op, raw logits: no temperature,
-like the policy's log-probs and the rollout engine's), run through Megatron's forward-only schedule, so PP
+metric. The forward is the policy's (the same GPTModel call and fused log-prob op, at the policy's log-prob
+temperature, `algorithms.temperature`), run through Megatron's forward-only schedule, so PP
 stages pass activations exactly as in training. Parameters have requires_grad=False; there is no DDP wrapper
 and no optimizer. On CUDA, `HostOffload` keeps the weights in pinned host memory between uses.
 """
@@ -88,9 +88,9 @@ class ReferenceModel:
         """
         from megatron.core import parallel_state as ps
 
-        from aapo_megatron.convert.hf_io import HFCheckpointReader
-        from aapo_megatron.convert.mapping import WeightMapping
+        from aapo_megatron.checkpoint.hf import HFCheckpointReader
         from aapo_megatron.models.gpt import build_reference, transformer_config
+        from aapo_megatron.models.mapping import WeightMapping
         from aapo_megatron.models.weights import load_hf_weights, model_naming
 
         config = None
@@ -104,8 +104,9 @@ class ReferenceModel:
         load_hf_weights(model, WeightMapping(spec, naming=model_naming(model)), lambda name: reader.load([name])[name])
         return cls(model, offload=offload)
 
-    def logprobs(self, micro_batches: list) -> list[Optional[torch.Tensor]]:
-        """Per micro-batch, the reference log-prob of each target [b, S] (fp32 nats, 0 where loss_mask is 0).
+    def logprobs(self, micro_batches: list, temperature: float = 1.0) -> list[Optional[torch.Tensor]]:
+        """Per micro-batch, the reference log-prob of each target [b, S] (fp32 nats, 0 where loss_mask is 0) under
+        softmax(logits / temperature).
 
         Collective over the model-parallel group (Megatron's forward-only schedule); every rank of it passes the
         same-shaped micro-batches. Stages other than the last get None.
@@ -130,7 +131,8 @@ class ReferenceModel:
             output = model(mb.tokens.to(device), mb.position_ids.to(device), attn)  # last stage: [b, S, V/tp]
 
             def loss_func(logits: torch.Tensor):
-                logp, _ = vocab_parallel_logprob(logits, mb.targets.to(device), tp_group=tp_group)  # [b, S]
+                logp, _ = vocab_parallel_logprob(logits, mb.targets.to(device), tp_group=tp_group,
+                                                 temperature=temperature)  # [b, S]
                 out.append((logp.float() * mb.loss_mask.to(device)).cpu())
                 return logits.new_zeros(()), {}
 
@@ -150,9 +152,9 @@ class ReferenceModel:
             return [None] * len(micro_batches)
         return out
 
-    def fill_ref_logprobs(self, micro_batches: list) -> None:
-        """Set each micro-batch's `ref_logprobs` [b, S] (last PP stage; the loss runs only there)."""
-        for mb, ref in zip(micro_batches, self.logprobs(micro_batches)):
+    def fill_ref_logprobs(self, micro_batches: list, temperature: float = 1.0) -> None:
+        """Set each micro-batch's `ref_logprobs` [b, S] at `temperature` (last PP stage; the loss runs only there)."""
+        for mb, ref in zip(micro_batches, self.logprobs(micro_batches, temperature)):
             mb.ref_logprobs = ref
 
 

@@ -1,4 +1,4 @@
-"""Atomic, verifiable checkpoint directories with a `latest` pointer and keep-last-K.
+"""Trainer checkpoints: atomic, verifiable directories with a `latest` pointer and keep-last-K.
 
 Layout under the checkpoint root:
 
@@ -31,20 +31,14 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from aapo_megatron.checkpoint.errors import CheckpointError, CheckpointSaveError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _HASH_CHUNK = 4 * 1024 * 1024
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, partial or corrupt."""
-
-
-class CheckpointSaveError(CheckpointError):
-    """A checkpoint could not be written (disk full, permission denied, ...); the previous one is kept."""
 
 
 @dataclass(frozen=True)

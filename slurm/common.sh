@@ -32,11 +32,12 @@
 #   AAPO_ROLLOUT_PLACEMENT  colocated | server: overrides the config's rollout.placement
 #   AAPO_ROLLOUT_NODES   with placement=server: 2 = the last two nodes of this job run aapo-rollout-server
 #                        (one for the policy engine, one for the frozen reference engine) and the trainer is
-#                        pointed at them; 0 = the servers run elsewhere, at the config's rollout.server_url and
-#                        rollout.reference_server_url
+#                        pointed at them; 1 = both servers on the last node, each on half its GPUs (CPUs), the
+#                        reference on AAPO_ROLLOUT_PORT + 1; 0 = the servers run elsewhere, at the config's
+#                        rollout.server_url and rollout.reference_server_url
 #   AAPO_ROLLOUT_MODEL   HF directory the in-job servers load (default: model.path or model.tokenizer of the
 #                        config, whichever holds config.json + safetensors)
-#   AAPO_ROLLOUT_PORT    port of the in-job servers (default 8000)
+#   AAPO_ROLLOUT_PORT    port of the in-job servers (default 8000; one rollout node: the reference's is the next)
 #   AAPO_ROLLOUT_MEMORY_FRACTION  vLLM memory share on a server node (default 0.85)
 #   AAPO_ROLLOUT_SERVER_ARGS  extra aapo-rollout-server arguments (split on whitespace)
 #   AAPO_ROLLOUT_WAIT_S  seconds to wait for the in-job servers to answer /health (default 1800)
@@ -243,9 +244,19 @@ aapo_train_main() {
     gpn=$(aapo_gpus_per_node)
     local ntasks=${SLURM_NTASKS:-1}
 
+    # In-job servers (if the placement turns out to be server) are at addresses known now: the config is
+    # checked with them, as the trainer will run with them.
+    local -a server_sets=()
+    if [ "${AAPO_ROLLOUT_NODES:-0}" -gt 0 ] && [ "${AAPO_ROLLOUT_NODES:-0}" -lt "$nnodes" ]; then
+        aapo_server_addrs "${hosts[@]:nnodes-AAPO_ROLLOUT_NODES}"
+        server_sets=(--set "rollout.server_url=http://${AAPO_POLICY_ADDR}"
+            --set "rollout.reference_server_url=http://${AAPO_REFERENCE_ADDR}")
+    fi
+
     local -A cfg=()
     local key value resolved
-    resolved=$(aapo_resolve_config "${args[@]}") || aapo_die "the configuration is invalid (see above)"
+    resolved=$(aapo_resolve_config "${args[@]}" "${server_sets[@]}") ||
+        aapo_die "the configuration is invalid (see above)"
     while IFS='=' read -r key value; do
         [ -n "$key" ] && cfg[$key]=$value
     done <<< "$resolved"
@@ -302,13 +313,12 @@ aapo_train_main() {
         [ -n "$hf_model" ] || aapo_die "the in-job rollout servers need the starting model's HF weights:" \
             "set AAPO_ROLLOUT_MODEL (neither model.path nor model.tokenizer of $config holds config.json +" \
             "safetensors)"
-        AAPO_SERVER_ARGS=(--model "$hf_model" --host 0.0.0.0 --port "${AAPO_ROLLOUT_PORT:-8000}"
-            --tensor-parallel-size "$((gpn > 0 ? gpn : 1))" --dtype "${cfg[rollout_dtype]}"
-            --max-model-len "${cfg[max_model_len]}" --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}"
+        AAPO_SERVER_ARGS=(--model "$hf_model" --host 0.0.0.0)
+        AAPO_SERVER_ENGINE_ARGS=(--dtype "${cfg[rollout_dtype]}" --max-model-len "${cfg[max_model_len]}"
+            --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}"
             --memory-fraction "${AAPO_ROLLOUT_MEMORY_FRACTION:-0.85}")
         aapo_start_servers "${cfg[token_env]}" "${rollout_hosts[@]}"
-        args+=(--set "rollout.server_url=http://${AAPO_POLICY_ADDR}"
-            --set "rollout.reference_server_url=http://${AAPO_REFERENCE_ADDR}")
+        args+=("${server_sets[@]}")
     fi
 
     # ---- the trainer step
@@ -369,37 +379,52 @@ aapo_requeue() {
     fi
 }
 
-# Start aapo-rollout-server for the policy on the first of the two given hosts and for the reference on the
-# second, with the arguments in array AAPO_SERVER_ARGS (all but --role) and a bearer token shared through the
-# environment variable named $1. Sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) and waits until both
-# answer /health.
+# Start aapo-rollout-server for the policy and the reference, with the arguments in arrays AAPO_SERVER_ARGS
+# (--model, --host) and AAPO_SERVER_ENGINE_ARGS (after --port and --tensor-parallel-size) and a bearer token shared through the environment variable
+# named $1. Two hosts: the policy on the first, the reference on the second, each on the whole node (port
+# AAPO_ROLLOUT_PORT). One host: both on it, each on half of its GPUs (CPUs), the reference on the next port.
+# Sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) and waits until both answer /health.
 aapo_start_servers() {
     local token_env=$1
     shift
     local -a hosts=("$@") server_extra
-    ((${#hosts[@]} == 2)) ||
-        aapo_die "in-job rollout servers need AAPO_ROLLOUT_NODES=2 (policy + reference), got ${#hosts[@]}"
+    ((${#hosts[@]} == 1 || ${#hosts[@]} == 2)) ||
+        aapo_die "in-job rollout servers need AAPO_ROLLOUT_NODES=2 (policy + reference) or 1 (both on one" \
+            "node), got ${#hosts[@]}"
     if [ -z "${!token_env:-}" ]; then
         printf -v "$token_env" '%s' "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
     fi
     export "${token_env?}"
     aapo_split server_extra "${AAPO_ROLLOUT_SERVER_ARGS:-}"
-    local port=${AAPO_ROLLOUT_PORT:-8000} gpn role host
+    local gpn cpus=${SLURM_CPUS_ON_NODE:-1} role addr
     gpn=$(aapo_gpus_per_node)
+    if ((${#hosts[@]} == 1)); then
+        ((gpn < 2 || gpn % 2 == 0)) || aapo_die "both rollout servers on one node need an even GPU count, got $gpn"
+        gpn=$((gpn / 2))
+        cpus=$((cpus > 1 ? cpus / 2 : 1))
+    fi
+    aapo_server_addrs "${hosts[@]}"
     for role in policy reference; do
-        if [ "$role" = policy ]; then host=${hosts[0]}; else host=${hosts[1]}; fi
-        aapo_run_bg srun --nodes=1 --ntasks=1 --nodelist="$host" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+        if [ "$role" = policy ]; then addr=$AAPO_POLICY_ADDR; else addr=$AAPO_REFERENCE_ADDR; fi
+        aapo_run_bg srun --nodes=1 --ntasks=1 --nodelist="${addr%:*}" --cpus-per-task="$cpus" \
             --gpus-per-node="$gpn" --kill-on-bad-exit=1 --label --unbuffered \
             "${AAPO_CT_SRUN[@]}" "${AAPO_CT_PREFIX[@]}" "${AAPO_TASK_WRAPPER[@]}" \
-            aapo-rollout-server --role "$role" "${AAPO_SERVER_ARGS[@]}" "${server_extra[@]}"
+            aapo-rollout-server --role "$role" "${AAPO_SERVER_ARGS[@]}" --port "${addr##*:}" \
+            --tensor-parallel-size "$((gpn > 0 ? gpn : 1))" "${AAPO_SERVER_ENGINE_ARGS[@]}" "${server_extra[@]}"
         [ -z "$AAPO_LAST_PID" ] || AAPO_SERVER_PIDS+=("$AAPO_LAST_PID")
     done
-    AAPO_POLICY_ADDR=${hosts[0]}:$port
-    AAPO_REFERENCE_ADDR=${hosts[1]}:$port
     if [ "${AAPO_DRY_RUN:-0}" != 1 ]; then
         aapo_wait_health "$AAPO_POLICY_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[0]}"
         aapo_wait_health "$AAPO_REFERENCE_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[1]}"
     fi
+}
+
+# Set AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) of the in-job servers on the given rollout hosts:
+# two hosts, one server each on AAPO_ROLLOUT_PORT; one host, the reference on the next port.
+aapo_server_addrs() {
+    local port=${AAPO_ROLLOUT_PORT:-8000}
+    AAPO_POLICY_ADDR=$1:$port
+    if (($# >= 2)); then AAPO_REFERENCE_ADDR=$2:$port; else AAPO_REFERENCE_ADDR=$1:$((port + 1)); fi
 }
 
 # The conversion job (slurm/convert_hf.sh): `aapo-convert hf-to-mcore` as one srun task on one node.

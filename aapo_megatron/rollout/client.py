@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -219,4 +220,6 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         raise RolloutError(f"the policy rollout server needs a bearer token for weight updates: set "
                            f"${rollout_cfg.token_env} to the token the server was started with")
     ref = connect(rollout_cfg.reference_server_url, "reference", "rollout.reference_server_url") if reference else None
+    logging.getLogger(__name__).info("policy server %s: weights by %s (rollout.weight_transport: %s)", policy.url,
+                                     policy.transport, getattr(rollout_cfg, "weight_transport", "auto"))
     return policy, ref

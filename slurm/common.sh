@@ -4,7 +4,8 @@
 # A job script sets its defaults (AAPO_CONFIG, AAPO_ROLLOUT_NODES) and calls `aapo_train_main "$@"`, which:
 #   1. activates the venv (or prepares the container wrapper) and cd's to the repository;
 #   2. resolves the config with the overrides (fails fast, naming the bad key, before any srun);
-#   3. optionally starts `aapo-rollout-server` (policy, reference) on the last AAPO_ROLLOUT_NODES nodes;
+#   3. optionally starts `aapo-rollout-server` (policy, reference) on the last AAPO_ROLLOUT_NODES nodes (the
+#      trainer starts while they load, and waits for them when it connects);
 #   4. srun's one `aapo-train` rank per GPU (per task on CPU) with `--resume auto`; distributed init reads
 #      Slurm's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) plus MASTER_ADDR/MASTER_PORT set here;
 #   5. forwards USR1/TERM that reach the batch shell to the trainer step, so `--signal=B:USR1@300` and
@@ -40,7 +41,8 @@
 #   AAPO_ROLLOUT_PORT    port of the in-job servers (default 8000; one rollout node: the reference's is the next)
 #   AAPO_ROLLOUT_MEMORY_FRACTION  vLLM memory share on a server node (default 0.85)
 #   AAPO_ROLLOUT_SERVER_ARGS  extra aapo-rollout-server arguments (split on whitespace)
-#   AAPO_ROLLOUT_WAIT_S  seconds to wait for the in-job servers to answer /health (default 1800)
+#   AAPO_ROLLOUT_WAIT_S  seconds to wait for the in-job servers to answer /health (default 1800); the trainer
+#                        starts at the same time and waits as long for them when it connects
 #   AAPO_ROLLOUT_TOKEN   bearer token shared by the in-job servers and the trainer (default: random per job;
 #                        the variable is the config's rollout.token_env)
 #   AAPO_DRY_RUN         1: print the resolved layout and the srun commands instead of running them
@@ -182,7 +184,8 @@ aapo_wait_trainer() {
     AAPO_TRAIN_RC=$rc
 }
 
-# Wait until http://$1/health answers 200, or die after $2 seconds (or when server srun $3 died).
+# Wait until http://$1/health answers 200, or die after $2 seconds (or when server srun $3 died); returns early
+# once a stop was requested or the trainer step ended.
 aapo_wait_health() {
     local url=http://$1/health deadline=$((SECONDS + $2)) pid=$3
     local python=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/}python3
@@ -194,6 +197,8 @@ aapo_wait_health() {
         fi
         kill -0 "$pid" 2> /dev/null || aapo_die "rollout server for $1 exited before answering $url"
         [ "${AAPO_STOP_REQUESTED:-0}" = 0 ] || return 0
+        # The trainer ended already (its exit code decides the job's fate).
+        [ -z "${AAPO_TRAIN_PID:-}" ] || kill -0 "$AAPO_TRAIN_PID" 2> /dev/null || return 0
         sleep 5 &
         wait $! 2> /dev/null || true
     done
@@ -343,6 +348,7 @@ aapo_train_main() {
         aapo_run_bg "${srun_cmd[@]}"
         [ "${AAPO_DRY_RUN:-0}" = 1 ] && return 0
         AAPO_TRAIN_PID=$AAPO_LAST_PID
+        ((rollout_nodes == 0)) || aapo_wait_servers
         aapo_wait_trainer
         rc=$AAPO_TRAIN_RC
     fi
@@ -383,7 +389,7 @@ aapo_requeue() {
 # (--model, --host) and AAPO_SERVER_ENGINE_ARGS (after --port and --tensor-parallel-size) and a bearer token shared through the environment variable
 # named $1. Two hosts: the policy on the first, the reference on the second, each on the whole node (port
 # AAPO_ROLLOUT_PORT). One host: both on it, each on half of its GPUs (CPUs), the reference on the next port.
-# Sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) and waits until both answer /health.
+# Sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port); aapo_wait_servers waits for them.
 aapo_start_servers() {
     local token_env=$1
     shift
@@ -413,10 +419,15 @@ aapo_start_servers() {
             --tensor-parallel-size "$((gpn > 0 ? gpn : 1))" "${AAPO_SERVER_ENGINE_ARGS[@]}" "${server_extra[@]}"
         [ -z "$AAPO_LAST_PID" ] || AAPO_SERVER_PIDS+=("$AAPO_LAST_PID")
     done
-    if [ "${AAPO_DRY_RUN:-0}" != 1 ]; then
-        aapo_wait_health "$AAPO_POLICY_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[0]}"
-        aapo_wait_health "$AAPO_REFERENCE_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[1]}"
-    fi
+    # The trainer starts meanwhile and waits this long for the servers when it connects (rollout/client.py).
+    export AAPO_ROLLOUT_WAIT_S=${AAPO_ROLLOUT_WAIT_S:-1800}
+}
+
+# While the trainer starts: wait until both in-job servers answer /health (the job fails, naming the server,
+# if one exits first or takes longer than AAPO_ROLLOUT_WAIT_S).
+aapo_wait_servers() {
+    aapo_wait_health "$AAPO_POLICY_ADDR" "$AAPO_ROLLOUT_WAIT_S" "${AAPO_SERVER_PIDS[0]}"
+    aapo_wait_health "$AAPO_REFERENCE_ADDR" "$AAPO_ROLLOUT_WAIT_S" "${AAPO_SERVER_PIDS[1]}"
 }
 
 # Set AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) of the in-job servers on the given rollout hosts:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional, Sequence
@@ -36,6 +37,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+class ServerUnreachable(RolloutError):
+    """No connection to the rollout server (not running, or still starting)."""
 
 
 class RemoteRolloutEngine(RolloutEngine):
@@ -89,7 +94,7 @@ class RemoteRolloutEngine(RolloutEngine):
                     pass
             raise RolloutError(f"rollout server {self.url}{path}: HTTP {exc.code}: {message}") from None
         except urllib.error.URLError as exc:
-            raise RolloutError(f"rollout server {self.url}{path} unreachable: {exc.reason}") from None
+            raise ServerUnreachable(f"rollout server {self.url}{path} unreachable: {exc.reason}") from None
         except OSError as exc:  # e.g. a read timeout
             raise RolloutError(f"rollout server {self.url}{path}: {type(exc).__name__}: {exc}") from None
 
@@ -185,6 +190,37 @@ class RemoteRolloutEngine(RolloutEngine):
             broadcast.close()
 
 
+WAIT_ENV = "AAPO_ROLLOUT_WAIT_S"
+"""Seconds the trainer waits for a rollout server that does not accept connections yet (the Slurm launcher sets
+it when it starts the servers with the trainer); unset or 0: no wait."""
+
+
+def server_wait_s() -> float:
+    """$AAPO_ROLLOUT_WAIT_S as seconds (0 when unset); RolloutError names the variable when it is not a number."""
+    text = os.environ.get(WAIT_ENV, "").strip()
+    try:
+        value = float(text) if text else 0.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise RolloutError(f"${WAIT_ENV} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _server_info(client: RemoteRolloutEngine, wait_s: float) -> dict[str, Any]:
+    """GET /version, retried every second while the server is unreachable, for up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.request("GET", "/version")
+        except ServerUnreachable as exc:
+            if time.monotonic() >= deadline:
+                if wait_s > 0:
+                    raise ServerUnreachable(f"{exc} (waited {wait_s:.0f} s, ${WAIT_ENV})") from None
+                raise
+            time.sleep(1.0)
+
+
 def connect_servers(rollout_cfg: Any, *, reference: bool,
                     vocab_size: Optional[int] = None) -> tuple[RemoteRolloutEngine, Optional[RemoteRolloutEngine]]:
     """Clients of a placement=server run's `aapo-rollout-server`s (a `RolloutConfig`), checked before any step.
@@ -195,6 +231,8 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
     `rollout.weight_transport` (auto: shm through `rollout.server_weight_dir` for a loopback server, gloo for one on
     another CPU host, nccl from GPU trainers), which the policy server must take. RolloutError names what is wrong.
     """
+    wait_s = server_wait_s()
+
     def connect(url: Optional[str], role: str, setting: str) -> RemoteRolloutEngine:
         if not url:
             raise RolloutError(f"rollout.placement=server needs {setting}: the URL of an aapo-rollout-server "
@@ -204,7 +242,7 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
                                      weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
                                      shm_dir=rollout_cfg.server_weight_dir,
                                      weight_transport=getattr(rollout_cfg, "weight_transport", "auto"))
-        info = client.request("GET", "/version")
+        info = _server_info(client, wait_s)
         if info.get("role") != role:
             raise RolloutError(f"{setting}={url} serves the {info.get('role')!r} role, not {role!r}: start that "
                                f"server with --role {role}")

@@ -29,7 +29,7 @@ from tests.slurm.netns_cluster import NetnsSlurmCluster
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 CONFIG = os.path.join(REPO, "configs", "quickstart_cpu.yaml")
-TOTAL = 10  # RL steps; the signal comes after step 1 (a step takes ~1 s here)
+TOTAL = 8  # RL steps; the signal comes after step 1 (a step takes ~1 s here)
 # A small, fast quickstart: TP=2 over the 2 trainer tasks, no SFT (servers start from the run's model),
 # cosine_length next to the task reward so that the groups of a random model have reward variance.
 TINY = [

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tests.slurm.cluster import LocalSlurmCluster, SlurmUnavailable, _terminate, which
+from tests.slurm.cluster import LocalSlurmCluster, SlurmUnavailable, _terminate, apt_install, which
 
 NET_TOOLS = ("ip", "nsenter", "unshare", "mount")
 
@@ -76,6 +76,7 @@ class NetnsSlurmCluster(LocalSlurmCluster):
         """Check root and the tools, then start as LocalSlurmCluster does (the network comes up first)."""
         if os.geteuid() != 0:
             raise SlurmUnavailable("a multi-node cluster of network namespaces needs root")
+        apt_install(("iproute2",), ("ip",))
         missing = [t for t in NET_TOOLS if which(t) is None]
         if missing:
             raise SlurmUnavailable(f"{', '.join(missing)} missing (iproute2 and util-linux)")

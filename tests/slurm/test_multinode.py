@@ -48,9 +48,9 @@ def cluster():
     c = NetnsSlurmCluster(nodes=3)
     try:
         c.start()
-    except SlurmUnavailable as exc:
-        pytest.fail(f"cannot build the simulated multi-node Slurm cluster (root, iproute2, util-linux and "
-                    f"slurm-wlm are required; CI runs as root): {exc}")
+    except (SlurmUnavailable, RuntimeError) as exc:  # RuntimeError: a namespace, link or daemon did not start
+        pytest.fail(f"cannot build the simulated multi-node Slurm cluster (root with CAP_NET_ADMIN and "
+                    f"CAP_SYS_ADMIN, iproute2, util-linux and slurm-wlm are required; CI runs as root): {exc}")
     try:
         yield c
     finally:

@@ -35,12 +35,18 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Optional[list[str]] = None) -> int:
     """aapo-train --config X.yaml [--set k=v ...] [--resume auto]."""
-    from aapo_megatron.config import ConfigError, describe, load_config
-    from aapo_megatron.config_checks import check_input_files
+    from aapo_megatron.config import ConfigError, describe
+    from aapo_megatron.validation import check_input_files, load_config
 
     args = _train_parser().parse_args(argv)
     if args.help_config:
-        for key, tp, default, doc in describe():
+        from aapo_megatron.rewards.registry import options_class, registered_rewards
+
+        rows = describe()
+        for name in registered_rewards():  # each function's own reward.options.<name> keys
+            if options_class(name) is not None:
+                rows += describe(options_class(name), prefix=f"reward.options.{name}.")
+        for key, tp, default, doc in rows:
             print(f"{key} ({tp}, default {default!r})\n    {doc}")
         return EXIT_OK
     overrides = list(args.overrides)

@@ -1,7 +1,7 @@
 """Distributed bring-up and the platform: torchrun / Slurm environment, the `Platform` (decided once),
 torch.distributed, Megatron parallel_state, seeds.
 
-    env = init_distributed(cfg)            # cfg: config.Config (validated with the world size) or ParallelConfig;
+    env = init_distributed(cfg)            # cfg: config.Config or ParallelConfig (TP*PP must divide the world size);
                                            # also decides the Platform and, on CPU, installs the Megatron CPU shims
     platform = current_platform()          # device, backend, TE or local spec, distributed optimizer
     seed_everything(cfg.trainer.seed)      # Megatron's model-parallel RNG tracker, CPU too
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from aapo_megatron.compat.megatron_cpu import install_cpu_shims
-from aapo_megatron.config import Config, ConfigError, ParallelConfig, validate
+from aapo_megatron.config import Config, ConfigError, ParallelConfig
 
 DEFAULT_MASTER_PORT = 29500
 # Slurm-derived ports: SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN (stays in the unprivileged, non-ephemeral range).
@@ -247,7 +247,7 @@ def current_platform() -> Platform:
 
 
 def check_world_size(parallel: ParallelConfig, world_size: int) -> None:
-    """Raise ConfigError unless TP * PP divides `world_size` (same message as config.validate)."""
+    """Raise ConfigError unless TP * PP divides `world_size` (same message as validation.validate)."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ConfigError(
@@ -267,17 +267,14 @@ def resolve_backend(parallel: ParallelConfig, cuda: Optional[bool] = None) -> st
 
 
 def init_distributed(cfg: Union["Config", ParallelConfig], environ: Optional[Mapping[str, str]] = None) -> DistEnv:
-    """Initialise torch.distributed (nccl/gloo) and Megatron's TP/PP/DP groups; validate the layout first.
+    """Initialise torch.distributed (nccl/gloo) and Megatron's TP/PP/DP groups; check the world size first
+    (a whole training Config is validated by its caller: `validation.validate(cfg, world_size)`).
 
     Decides this process's `Platform` (see `current_platform`) and, without CUDA, installs the Megatron CPU shims.
     """
     env = read_dist_env(environ)
-    if isinstance(cfg, Config):
-        validate(cfg, env.world_size)  # ConfigError names the offending key (incl. the world size)
-        parallel = cfg.parallel
-    else:
-        parallel = cfg
-        check_world_size(parallel, env.world_size)
+    parallel = cfg.parallel if isinstance(cfg, Config) else cfg
+    check_world_size(parallel, env.world_size)  # ConfigError naming 'parallel' and the world size
     platform = _set_platform(detect_platform(parallel, env))
     backend = platform.backend
     if platform.cuda:

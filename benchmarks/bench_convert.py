@@ -96,9 +96,9 @@ import dataclasses, json, sys
 if __name__ == "__main__":
     direction, kwargs = sys.argv[1], json.loads(sys.argv[2])
     if direction == "hf-to-mcore":
-        from aapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore as convert
+        from aapo_megatron.checkpoint.conversion.hf_to_mcore import convert_hf_to_mcore as convert
     else:
-        from aapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf as convert
+        from aapo_megatron.checkpoint.conversion.mcore_to_hf import convert_mcore_to_hf as convert
     print(json.dumps(dataclasses.asdict(convert(**kwargs))))
 """
 

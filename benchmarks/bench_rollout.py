@@ -10,7 +10,7 @@
    (AAPO_VLLM_QUICK_EXIT=0), alternating, and the engine cores' exit codes (None or -9: vLLM killed it after 5 s).
 4. DP replicas: the quickstart's policy batch (configs/quickstart_cpu.yaml: prompts_per_step x num_generations,
    max_new_tokens, its model shape, random weights) on rollout.data_parallel_size=2 (two engines, the cores
-   split between them) vs 1 (one engine on every core), built by `layout.open_engines` as the trainer does;
+   split between them) vs 1 (one engine on every core), built by `colocated.open_engines` as the trainer does;
    best of --repeats each, and the two must return the same samples.
 
     .venv/bin/python benchmarks/bench_rollout.py                 # all three
@@ -303,9 +303,9 @@ def bench_replicas(args, workdir: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.rollout.engine import SamplingSpec
-    from aapo_megatron.rollout.layout import open_engines
+    from aapo_megatron.rollout.colocated import open_engines
 
     cfg = load_config(args.replicas_config)
     s, r = cfg.model.scratch, cfg.rollout

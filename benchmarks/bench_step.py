@@ -144,7 +144,7 @@ def train_phase(overrides: list[str], rounds: int, variants: list[str], dtypes: 
 
     import torch
 
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
     from aapo_megatron.distributed import init_distributed, seed_everything

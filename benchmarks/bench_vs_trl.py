@@ -153,7 +153,7 @@ def check_trl_env(python: str) -> dict[str, str]:
 
 def load_bench_config(path: str, overrides: list[str]):
     """The run config both sides follow: the base config with SFT off plus the user's overrides."""
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
 
     return load_config(path, ["trainer.sft_steps=0", *overrides])
 

@@ -4,7 +4,7 @@
         [--algorithms aapo,grpo,dr_grpo] [--sft-steps 200] [--out runs/sample_efficiency] [--report-only]
         [--set KEY=VALUE ...]
 
-1. One SFT warm start on the quickstart task (`configs/quickstart_cpu.yaml`, `algorithm.name=sft`), exported
+1. One SFT warm start on the quickstart task (`configs/quickstart_cpu.yaml`, `trainer.mode=sft`), exported
    to `<out>/sft/hf_final` (weights + the trained tokenizer).
 2. For every algorithm and seed, an RL run from that export (`model.path`, no further SFT) with the same
    lr / steps / batch; the seed sets `rollout.seed` and `trainer.seed`, so only the RL sampling differs. The
@@ -258,8 +258,8 @@ def _train(config: str, overrides: list[str], run_dir: str, resume: bool) -> flo
 
 
 def sft_overrides(out: str, sft_steps: int) -> list[str]:
-    """Overrides of the one SFT warm start (algorithm.name=sft exports <out>/sft/hf_final)."""
-    return [f"trainer.run_dir={os.path.join(out, 'sft')}", "algorithm.name=sft", f"trainer.sft_steps={sft_steps}",
+    """Overrides of the one SFT warm start (trainer.mode=sft exports <out>/sft/hf_final)."""
+    return [f"trainer.run_dir={os.path.join(out, 'sft')}", "trainer.mode=sft", f"trainer.sft_steps={sft_steps}",
             "checkpoint.save_every=0", "logging.plots=false", "logging.tensorboard=false"]
 
 

@@ -6,7 +6,10 @@
 # rollout.placement is "server": the last 2 of the 6 nodes run `aapo-rollout-server`, one for the policy
 # engine (weight-synced from the trainer) and one for the frozen reference engine. To use standing servers
 # instead, `AAPO_ROLLOUT_NODES=0 sbatch --nodes=4 ...` (the config's URLs are used); to run the engines
-# colocated with the trainer (vLLM sleep mode), `AAPO_ROLLOUT_PLACEMENT=colocated sbatch --nodes=4 ...`.
+# colocated with the trainer (rollout TP=8 on rank 0's node, vLLM sleep mode while Megatron trains):
+#   AAPO_ROLLOUT_PLACEMENT=colocated AAPO_EXTRA_ARGS="--set rollout.tensor_parallel_size=8 \
+#       --set rollout.memory_fraction=0.23" sbatch --nodes=4 slurm/aapo_70b.sh
+# (colocated with the config's rollout TP=1 is refused by the memory plan before any rank starts: exit 2).
 #
 # Five minutes before the time limit Slurm sends SIGUSR1 to the training ranks; the trainer saves a checkpoint
 # and exits 3, and this script requeues the job, which resumes from that checkpoint (--resume auto).

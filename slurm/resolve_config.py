@@ -30,10 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args, _ = parser.parse_known_args(argv)
     sys.path.insert(0, os.getcwd())
-    from aapo_megatron.config import ConfigError, load_config
+    import importlib.util
 
+    from aapo_megatron.config import ConfigError
+    from aapo_megatron.validation import load_config
+
+    # In a container job this runs on the host's python, which may lack torch: the algorithm and loss names are
+    # then checked by aapo-train when it starts (still exit 2 before any work), everything else here.
+    registries = importlib.util.find_spec("torch") is not None
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, registries=registries)
     except ConfigError as exc:
         print(f"config error in {args.config}: {exc}", file=sys.stderr)
         return 2

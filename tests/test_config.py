@@ -10,9 +10,9 @@ from aapo_megatron.config import (
     describe,
     dump_yaml,
     field_docs,
-    load_config,
     parse_override,
 )
+from aapo_megatron.validation import load_config, validate
 
 
 def _write(tmp_path, text, name="c.yaml"):
@@ -59,7 +59,12 @@ def test_int_widens_to_float_and_roundtrip(tmp_path):
         ("rollout.num_generations=six", "'rollout.num_generations' must be an integer, got 'six'"),
         ("rollout.num_generations=2.5", "'rollout.num_generations' must be an integer, got 2.5"),
         ("algorithm.scale_rewards=yes please", "'algorithm.scale_rewards' must be a boolean (true/false), got 'yes please'"),
-        ("algorithm.name=aapoo", "'algorithm.name' must be one of 'aapo', 'grpo', 'dr_grpo', 'sft'; got 'aapoo' (did you mean 'aapo'?)"),
+        ("algorithm.name=aapoo", "'algorithm.name': unknown advantage estimator 'aapoo' (did you mean 'aapo'?); known: aapo, dr_grpo, grpo, rloo"),
+        ("algorithm.name=sft", "'algorithm.name' sft is not an advantage estimator: set trainer.mode=sft"),
+        ("algorithm.loss=grpo_clipp", "'algorithm.loss': unknown policy loss 'grpo_clipp' (did you mean 'grpo_clip'?); known: aapo_ce, grpo_clip, sft_ce"),
+        ("model.scratch.architecture=lama", "'model.scratch.architecture': unknown model family 'lama' (did you mean 'llama'?); known: llama, qwen2, qwen3"),
+        ("trainer.mode=sft", "'trainer.sft_steps' must be > 0 with trainer.mode=sft (it runs only these), got 0"),
+        ("rollout.top_k=0", "'rollout.top_k' must be -1 (off) or > 0, got 0"),
         ("algorithm.delta_low=-0.1", "'algorithm.delta_low' must be >= 0, got -0.1"),
         ("rollout.top_p=1.5", "'rollout.top_p' must be in (0, 1], got 1.5"),
         ("rollout.memory_fraction=0.0", "'rollout.memory_fraction' must be in (0, 1), got 0.0"),
@@ -97,9 +102,9 @@ def test_kv_heads_must_be_divisible_by_tp():
 def test_world_size_must_be_divisible_by_tp_times_pp():
     cfg = load_config(None, ["data.source=reasoning_gym", "parallel.tensor_model_parallel_size=2",
                              "parallel.pipeline_model_parallel_size=2"])
-    cfg.validate(world_size=8)
+    validate(cfg, world_size=8)
     with pytest.raises(ConfigError, match=r"= 4 must divide the world size \(6\); tp=2, pp=2"):
-        cfg.validate(world_size=6)
+        validate(cfg, world_size=6)
 
 
 def test_hf_model_shape_is_read_from_config_json(tmp_path):
@@ -148,3 +153,47 @@ def test_shipped_configs_load():
     for path in paths:
         cfg = load_config(path)
         assert cfg.rollout.num_generations >= 2, path
+
+
+def test_config_error_is_bad_input():
+    from aapo_megatron.errors import EXIT_BAD_INPUT, BadInputError
+
+    assert issubclass(ConfigError, BadInputError) and ConfigError("x").exit_code == EXIT_BAD_INPUT
+
+
+def test_sft_mode_needs_no_reward_or_data_path():
+    cfg = load_config(None, ["trainer.mode=sft", "trainer.sft_steps=5", "reward.functions={}",
+                             "data.source=jsonl", "rollout.num_generations=1"])
+    assert cfg.trainer.mode == "sft" and cfg.algorithm.name == "aapo"
+
+
+def test_did_you_mean_searches_the_schema_being_loaded():
+    from aapo_megatron.eval.config import load_eval_config
+
+    with pytest.raises(ConfigError) as err:  # the eval schema has sampling.temperature, not rollout.temperature
+        load_eval_config(None, ["temperature=0.5"])
+    assert "unknown key 'temperature' (did you mean 'sampling.temperature'?)" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # a training-only key: no suggestion of a key eval does not have
+        load_eval_config(None, ["num_generations=4"])
+    assert str(err.value) == "unknown key 'num_generations'; valid keys here: model, data, sampling, reward, output"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["temperature=0.5"])
+    assert "unknown key 'temperature' (did you mean 'rollout.temperature'?)" in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.top_p=0", "'sampling.top_p' must be in (0, 1], got 0.0"),
+    ("sampling.top_k=0", "'sampling.top_k' must be -1 (off) or > 0, got 0"),
+    ("sampling.temperature=-1", "'sampling.temperature' must be >= 0, got -1.0"),
+    ("sampling.max_new_tokens=0", "'sampling.max_new_tokens' must be >= 1, got 0"),
+])
+def test_eval_shares_the_sampling_range_checks(override, message):
+    from aapo_megatron.eval.config import load_eval_config
+
+    with pytest.raises(ConfigError) as err:
+        load_eval_config(None, [override])
+    assert str(err.value) == message
+    train_key = override.replace("sampling.", "rollout.")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [train_key])
+    assert str(err.value) == message.replace("sampling.", "rollout.")

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from aapo_megatron.config import ConfigError, load_config
+from aapo_megatron.config import ConfigError
+from aapo_megatron.validation import load_config
 from aapo_megatron.eval.config import load_eval_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def test_non_finite_numbers_in_yaml_files(tmp_path):
 
 def test_data_files_missing_or_unreadable(tmp_path):
     """aapo-train checks the data files right after loading the config (`check_input_files`)."""
-    from aapo_megatron.config_checks import check_input_files
+    from aapo_megatron.validation import check_input_files
 
     def check(*overrides):
         check_input_files(load_config(None, ["data.source=jsonl", "data.train_tokenizer=false", *overrides]))
@@ -142,4 +143,4 @@ def test_server_placement_with_sft_warm_start_is_refused_up_front():
     assert load_config(QUICKSTART, server + ["trainer.sft_steps=0"]).trainer.sft_steps == 0
     # grpo never samples the reference, and an SFT-only run starts no engine: both are fine with a warm start.
     assert load_config(QUICKSTART, server + ["algorithm.name=grpo"]).algorithm.name == "grpo"
-    assert load_config(QUICKSTART, server + ["algorithm.name=sft"]).algorithm.name == "sft"
+    assert load_config(QUICKSTART, server + ["trainer.mode=sft"]).trainer.mode == "sft"

@@ -9,13 +9,15 @@ and DP ranks to get the step value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from aapo_megatron.algorithms.aggregation import GlobalTokenMean
-from aapo_megatron.algorithms.registry import Registry
-from aapo_megatron.config import AlgorithmConfig
+from aapo_megatron.algorithms.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+
+if TYPE_CHECKING:
+    from aapo_megatron.config import AlgorithmConfig
 
 
 @dataclass
@@ -51,7 +53,7 @@ class PolicyLoss:
     needs_old_logp: bool = False
     needs_ref_logp: bool = False
 
-    def __init__(self, cfg: AlgorithmConfig):
+    def __init__(self, cfg: "AlgorithmConfig"):
         self.cfg = cfg
 
     def per_token(self, logp: torch.Tensor, inputs: PolicyLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -80,9 +82,6 @@ def _check_shapes(logp: torch.Tensor, inputs: PolicyLossInputs) -> None:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal the log-prob shape {tuple(logp.shape)}")
 
 
-POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
-
-
 KL_METRIC = "kl/reference"
 """Token mean of the k3 KL of the policy to the frozen reference on the sampled tokens."""
 
@@ -93,7 +92,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_r) - log_r - 1.0
 
 
-def _add_kl(cfg: AlgorithmConfig, name: str, values: torch.Tensor, logp: torch.Tensor, inputs: PolicyLossInputs,
+def _add_kl(cfg: "AlgorithmConfig", name: str, values: torch.Tensor, logp: torch.Tensor, inputs: PolicyLossInputs,
             metrics: dict[str, torch.Tensor]) -> torch.Tensor:
     """values + kl_beta * k3 (and the kl/reference metric) when kl_beta > 0."""
     if cfg.kl_beta <= 0:
@@ -107,10 +106,10 @@ def _add_kl(cfg: AlgorithmConfig, name: str, values: torch.Tensor, logp: torch.T
 
 @POLICY_LOSSES.register("aapo_ce")
 class AAPOCrossEntropyLoss(PolicyLoss):
-    """Advantage-weighted cross-entropy: -A * log pi(o_t), no ratio, no clipping (DESIGN.md section 1);
+    """Advantage-weighted cross-entropy: -A * log pi(o_t), no ratio, no clipping (REINFORCE with the given advantage);
     + kl_beta * k3 KL to the reference when kl_beta > 0."""
 
-    def __init__(self, cfg: AlgorithmConfig):
+    def __init__(self, cfg: "AlgorithmConfig"):
         super().__init__(cfg)
         self.needs_ref_logp = cfg.kl_beta > 0
 
@@ -127,7 +126,7 @@ class AAPOCrossEntropyLoss(PolicyLoss):
 
 @POLICY_LOSSES.register("sft_ce")
 class SFTCrossEntropyLoss(PolicyLoss):
-    """Supervised token cross-entropy -log pi(o_t) (the sft warm start)."""
+    """Supervised token cross-entropy -log pi(o_t) (the SFT phase: trainer.sft_steps, trainer.mode=sft)."""
 
     def per_token(self, logp, inputs):
         return -logp, {}
@@ -142,7 +141,7 @@ class GRPOClipLoss(PolicyLoss):
 
     needs_old_logp = True
 
-    def __init__(self, cfg: AlgorithmConfig):
+    def __init__(self, cfg: "AlgorithmConfig"):
         super().__init__(cfg)
         self.needs_ref_logp = cfg.kl_beta > 0
 
@@ -156,13 +155,13 @@ class GRPOClipLoss(PolicyLoss):
         return _add_kl(self.cfg, self.name, values, logp, inputs, metrics), metrics
 
 
-def default_loss_name(cfg: AlgorithmConfig) -> str:
-    """cfg.loss, or the algorithm's default: aapo -> aapo_ce, grpo/dr_grpo -> grpo_clip, sft -> sft_ce."""
+def default_loss_name(cfg: "AlgorithmConfig") -> str:
+    """cfg.loss, or the default loss the estimator `cfg.name` declares where it is registered."""
     if cfg.loss is not None:
         return cfg.loss
-    return {"aapo": "aapo_ce", "grpo": "grpo_clip", "dr_grpo": "grpo_clip", "sft": "sft_ce"}[cfg.name]
+    return ADVANTAGE_ESTIMATORS.get(cfg.name).default_loss
 
 
-def build_policy_loss(cfg: AlgorithmConfig) -> PolicyLoss:
+def build_policy_loss(cfg: "AlgorithmConfig") -> PolicyLoss:
     """The policy loss selected by the config (see `default_loss_name`)."""
     return POLICY_LOSSES.get(default_loss_name(cfg))(cfg)

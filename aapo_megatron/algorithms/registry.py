@@ -1,4 +1,7 @@
-"""A name -> class registry with errors that list the known names."""
+"""Name -> class registries (advantage estimators, policy losses) with errors that list the known names.
+
+The registries are the single source of these names: the config holds plain strings checked against them.
+"""
 
 from __future__ import annotations
 
@@ -41,3 +44,9 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+
+ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
+"""algorithm.name -> AdvantageEstimator subclass (filled by the modules `aapo_megatron.algorithms` imports)."""
+POLICY_LOSSES: Registry = Registry("policy loss")
+"""algorithm.loss -> PolicyLoss subclass."""

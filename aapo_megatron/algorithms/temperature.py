@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def logprob_temperature(cfg) -> float:
     """The T the trainer divides the logits by (a Config): rollout.temperature for "sampling", 1.0 for "raw" and SFT."""
-    if cfg.algorithm.name == "sft" or cfg.algorithm.logprob_temperature == "raw":
+    if cfg.trainer.mode == "sft" or cfg.algorithm.logprob_temperature == "raw":
         return 1.0
     from aapo_megatron.config import ConfigError
 

@@ -12,6 +12,12 @@ else should. They were written against megatron-core TESTED_MEGATRON_CORE (they 
 functions and module globals), so installing them on any other version raises MegatronVersionError.
 Every shim below names the Megatron code it works around. Nothing here changes numerics: tensors simply stay
 on the CPU.
+
+The patches are scoped to Megatron: the public torch API (`torch.cuda.*`, `torch.Tensor.cuda`) stays stock in
+the process. Megatron modules get a `torch` proxy (`CpuTorchProxy`) as their module-level `torch` name, whose
+factories allocate on the CPU and whose `torch.cuda` (`CpuCudaProxy`) answers current_device / RNG state /
+manual_seed / synchronize for the CPU; the rest are Megatron attributes (two private RNG helpers, the grad
+clipping function) and two methods wrapped so that a CUDA-only call works during that method only.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ class MegatronVersionError(AapoError):
 
 _INSTALLED = False
 
-# Megatron modules that create tensors with a hard-coded `device="cuda"` (or
-# `device=torch.cuda.current_device()`) through their module-level `torch` name.
-# Each gets a `torch` proxy (see `CpuTorchProxy`) in place of the real module.
+# Megatron modules that create tensors with a hard-coded `device="cuda"` (or `device=torch.cuda.current_device()`),
+# or call torch.cuda.{current_device, get_rng_state, set_rng_state, manual_seed, synchronize}, through their
+# module-level `torch` name. Each gets a `torch` proxy (see `CpuTorchProxy`) in place of the real module.
+# Not listed (GPU-only features this package never uses on CPU): Megatron FSDP, the Transformer Engine
+# extension, inference contexts, the NCCL allocator, CUDA graphs, MoE routing, the hybrid-CP schedule.
 PROXIED_MODULES: tuple[str, ...] = (
     # schedules.py: `total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")` in every schedule.
     "megatron.core.pipeline_parallel.schedules",
@@ -69,6 +77,35 @@ PROXIED_MODULES: tuple[str, ...] = (
     # transformer/utils.py: `get_default_causal_mask` does `torch.ones(sq, sq, device="cuda")`; used when
     # a layer is called with attention_mask=None (we normally pass an explicit mask, see gpt.py).
     "megatron.core.transformer.utils",
+    # The modules below call torch.cuda.current_device() / synchronize() / the RNG state functions:
+    # parallel_state.py: `torch.cuda.current_device()` for the group's device, `synchronize` in barriers.
+    "megatron.core.parallel_state",
+    # tensor_parallel/random.py: CudaRNGStatesTracker.add() / model_parallel_cuda_manual_seed() save, seed and
+    # restore the "CUDA" generator (`torch.cuda.get_rng_state`, `manual_seed`, `set_rng_state`): on CPU, the
+    # CPU generator (torch.cuda.manual_seed is otherwise a silent lazy no-op and get_rng_state raises).
+    "megatron.core.tensor_parallel.random",
+    # tensor_parallel/{layers,mappings,utils}.py: weights and buffers on `torch.cuda.current_device()`.
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    # rotary_pos_embedding.py: RotaryEmbedding.get_emb moves inv_freq to `torch.cuda.current_device()` (yarn too).
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+    # transformer/{module,transformer_layer}.py: `torch.cuda.current_device()` for buffers and offsets.
+    "megatron.core.transformer.module",
+    "megatron.core.transformer.transformer_layer",
+    # distributed_data_parallel.py: `torch.cuda.current_device()` / `synchronize` around the grad buffers.
+    "megatron.core.distributed.distributed_data_parallel",
+    # grad_scaler.py: scales on `torch.cuda.current_device()`.
+    "megatron.core.optimizer.grad_scaler",
+    # p2p_communication.py: PP send/recv buffers on `torch.cuda.current_device()`, `synchronize` after batched p2p.
+    "megatron.core.pipeline_parallel.p2p_communication",
+    # timers.py: `torch.cuda.synchronize()` before reading a timer.
+    "megatron.core.timers",
+    # dist_checkpointing strategies: `torch.cuda.synchronize()` / `current_device()` around saves and loads.
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )
 
 # torch factory functions whose `device=` argument the proxy rewrites.
@@ -103,13 +140,31 @@ def _wrap_factory(fn: Callable) -> Callable:
     return factory
 
 
+class CpuCudaProxy(types.ModuleType):
+    """Stands in for `torch.cuda` inside the proxied Megatron modules: current_device is "cpu", the RNG state
+    functions use the CPU generator, synchronize waits for nothing; all else is torch.cuda."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+        self.current_device = _current_device
+        self.get_rng_state = _get_rng_state
+        self.set_rng_state = _set_rng_state
+        self.manual_seed = _manual_seed
+        self.synchronize = _synchronize
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
 class CpuTorchProxy(types.ModuleType):
-    """Stands in for `torch` inside one Megatron module: factories map device "cuda" to "cpu", all else is torch."""
+    """Stands in for `torch` inside one Megatron module: factories map device "cuda" to "cpu", `torch.cuda` is a
+    `CpuCudaProxy`, all else is torch."""
 
     def __init__(self) -> None:
         super().__init__("torch")
         for name in _FACTORIES:
             setattr(self, name, _wrap_factory(getattr(torch, name)))
+        self.cuda = CpuCudaProxy()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
@@ -168,6 +223,31 @@ def _tensor_cuda(self: torch.Tensor, device: Any = None, non_blocking: bool = Fa
     return self
 
 
+@contextlib.contextmanager
+def tensor_cuda_is_identity():
+    """Within the block, `Tensor.cuda()` returns the tensor itself (a CPU tensor stays where it is)."""
+    own = torch.Tensor.__dict__.get("cuda")  # None: `cuda` is inherited from torch._C.TensorBase
+    torch.Tensor.cuda = _tensor_cuda
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.Tensor.cuda
+        else:
+            torch.Tensor.cuda = own
+
+
+def _within(context: Callable[[], Any], method: Callable) -> Callable:
+    """`method` run inside `context()`; the original is kept as `.cpu_shim_of`."""
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with context():
+            return method(*args, **kwargs)
+
+    wrapped.cpu_shim_of = method
+    return wrapped
+
+
 def clip_grad_by_total_norm_fp32_cpu(
     parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
 ) -> None:
@@ -220,16 +300,6 @@ def cpu_tensors_report_cuda_type():
             torch.Tensor.type = own
 
 
-def _cpu_float16_optimizer_init(init: Callable) -> Callable:
-    @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        with cpu_tensors_report_cuda_type():
-            init(self, *args, **kwargs)
-
-    __init__.cpu_shim_of = init
-    return __init__
-
-
 def megatron_core_version() -> str:
     """The installed megatron-core version string (e.g. "0.16.1")."""
     return importlib.import_module("megatron.core").__version__
@@ -245,18 +315,18 @@ def check_megatron_core_version() -> None:
             f"megatron-core=={TESTED_MEGATRON_CORE} (requirements/cpu.txt) or run on CUDA")
 
 
-def _install_float16_optimizer_shim() -> None:
-    """Float16OptimizerWithFloat16Params (bf16 params, fp32 main params) on CPU tensors; see install_cpu_shims."""
-    cls = importlib.import_module("megatron.core.optimizer.optimizer").Float16OptimizerWithFloat16Params
-    if not hasattr(cls.__init__, "cpu_shim_of"):
-        cls.__init__ = _cpu_float16_optimizer_init(cls.__init__)
+def _wrap_method(module: str, cls_name: str, method: str, context: Callable[[], Any]) -> None:
+    """Run `module.cls_name.method` inside `context()` from now on (once)."""
+    cls = getattr(importlib.import_module(module), cls_name)
+    if not hasattr(getattr(cls, method), "cpu_shim_of"):
+        setattr(cls, method, _within(context, getattr(cls, method)))
 
 
 # --------------------------------------------------------------------------- install
 
 
 def install_cpu_shims(force: bool = False) -> bool:
-    """Patch torch.cuda / Megatron-Core for CPU-only runs; idempotent; returns True when the shims are active.
+    """Patch Megatron-Core (not torch) for CPU-only runs; idempotent; returns True when the shims are active.
 
     A no-op (returns False) when CUDA is available, unless `force` (used by tests on GPU hosts: never).
     Raises MegatronVersionError (before patching anything) on a megatron-core other than TESTED_MEGATRON_CORE.
@@ -268,22 +338,15 @@ def install_cpu_shims(force: bool = False) -> bool:
         return False
     check_megatron_core_version()
 
-    # torch.cuda.current_device(): Megatron allocates with `device=torch.cuda.current_device()`
-    # (e.g. RotaryEmbedding.get_emb moves inv_freq there, param_and_grad_buffer, rerun_state_machine).
-    torch.cuda.current_device = _current_device
-    # torch.cuda.{get,set}_rng_state / manual_seed: Megatron's CudaRNGStatesTracker.add() and
-    # model_parallel_cuda_manual_seed() save, seed and restore the "CUDA" generator; on CPU that is the
-    # CPU generator (torch.cuda.manual_seed is otherwise a silent lazy no-op and get_rng_state raises).
-    torch.cuda.get_rng_state = _get_rng_state
-    torch.cuda.set_rng_state = _set_rng_state
-    torch.cuda.manual_seed = _manual_seed
-    torch.cuda.random.get_rng_state = _get_rng_state
-    torch.cuda.random.set_rng_state = _set_rng_state
-    # torch.cuda.synchronize(): called by Megatron timers, schedules and checkpointing.
-    torch.cuda.synchronize = _synchronize
+    # torch.cuda.current_device() / {get,set}_rng_state / manual_seed / synchronize as Megatron calls them:
+    # through the `torch` proxy of each module in PROXIED_MODULES (below), never on torch.cuda itself.
+
     # Tensor.cuda(): LanguageModule.setup_embeddings_and_output_layer does `weight.data = weight.data.cuda()`
-    # before all-reducing tied embeddings across the first and last pipeline stage (PP > 1, tied).
-    torch.Tensor.cuda = _tensor_cuda
+    # before all-reducing tied embeddings across the first and last pipeline stage (PP > 1, tied): identity
+    # during that method only. (The other `.cuda()` calls of megatron-core 0.16.1 are off this package's CPU
+    # paths: optimizer CPU offload, fully parallel checkpoint loading, broadcast_data, context parallelism.)
+    _wrap_method("megatron.core.models.common.language_module.language_module", "LanguageModule",
+                 "setup_embeddings_and_output_layer", tensor_cuda_is_identity)
 
     # megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state: used by
     # CudaRNGStatesTracker.fork() (dropout / init inside TP regions); they index torch.cuda.default_generators.
@@ -311,7 +374,8 @@ def install_cpu_shims(force: bool = False) -> bool:
     # `_scale_one` goes through the torch proxy, bf16 copies main->model with a plain loop (no multi-tensor
     # kernel), and there is no grad scaler for bf16 without a loss scale. (DistributedOptimizer has the same
     # check and more; it stays GPU-only.)
-    _install_float16_optimizer_shim()
+    _wrap_method("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__",
+                 cpu_tensors_report_cuda_type)
 
     _INSTALLED = True
     logger.info("installed Megatron-Core CPU shims (no CUDA device)")

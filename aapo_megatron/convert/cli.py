@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Optional
 
-from aapo_megatron.convert.hf_to_mcore import DTYPES
+from aapo_megatron.checkpoint.conversion.hf_to_mcore import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +83,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         if args.command == "hf-to-mcore":
-            from aapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+            from aapo_megatron.checkpoint.conversion.hf_to_mcore import convert_hf_to_mcore
 
             result = convert_hf_to_mcore(args.hf_dir, args.out, dtype=args.dtype, workers=args.workers,
                                          force=args.force, progress=not args.no_progress)
             what = "Megatron checkpoint"
         else:
-            from aapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+            from aapo_megatron.checkpoint.conversion.mcore_to_hf import convert_mcore_to_hf
 
             result = convert_mcore_to_hf(args.ckpt, args.out, hf_config=args.hf_config, dtype=args.dtype,
                                          workers=args.workers, max_shard_size=args.max_shard_size,

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from aapo_megatron.checkpoint.errors import ConversionError
-from aapo_megatron.convert.outdir import atomic_output_dir, check_output_dir
+from aapo_megatron.checkpoint.conversion.outdir import atomic_output_dir, check_output_dir
 from aapo_megatron.errors import BadInputError
 from aapo_megatron.models.families import FAMILIES
 

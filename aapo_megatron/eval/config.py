@@ -2,7 +2,8 @@
 
     cfg = load_eval_config("configs/eval/math.yaml", ["sampling.n=8", "sampling.temperature=0.6"])
 
-The same `--set key=value` overrides and key-naming errors as `aapo-train` (`config.from_dict`).
+The same loader as `aapo-train` (`config.load`): `--set key=value` overrides, errors naming the key, and a
+did-you-mean drawn from this schema. The sampling ranges are the training rollout's (`config.checks.check_sampling`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from aapo_megatron.config import ConfigError, RewardConfig, from_dict, load_raw_config
+from aapo_megatron.config import ConfigError, RewardConfig, load  # noqa: F401  (ConfigError: re-exported)
+from aapo_megatron.config.checks import check, check_finite, check_sampling
 
 
 @dataclass
@@ -117,22 +119,15 @@ class EvalConfig:
 
 def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     """Range checks; ConfigError naming the key. Returns cfg."""
-    from aapo_megatron.config_checks import check_finite, check_reward_names
+    from aapo_megatron.validation import check_reward_names, check_reward_options
 
     check_finite(cfg)
     s = cfg.sampling
-
-    def check(ok: bool, key: str, msg: str, value: Any) -> None:
-        if not ok:
-            raise ConfigError(f"'{key}' {msg}, got {value!r}")
-
     check(s.n >= 1, "sampling.n", "must be >= 1", s.n)
-    check(s.temperature is None or s.temperature >= 0, "sampling.temperature", "must be >= 0", s.temperature)
+    check_sampling("sampling", temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                   max_new_tokens=s.max_new_tokens)
     check(not (s.n > 1 and cfg.effective_temperature() == 0.0), "sampling.n",
           "must be 1 with greedy decoding (sampling.temperature=0): n identical samples say nothing", s.n)
-    check(0 < s.top_p <= 1, "sampling.top_p", "must be in (0, 1]", s.top_p)
-    check(s.top_k == -1 or s.top_k > 0, "sampling.top_k", "must be -1 or > 0", s.top_k)
-    check(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be >= 1", s.max_new_tokens)
     for k in s.ks:
         check(1 <= k <= s.n, "sampling.ks", f"must hold values in [1, sampling.n={s.n}]", s.ks)
     check(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1", cfg.data.max_prompt_tokens)
@@ -143,8 +138,12 @@ def validate_eval_config(cfg: EvalConfig) -> EvalConfig:
     check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0", cfg.reward.timeout_s)
     check(bool(cfg.reward.functions), "reward.functions", "must name at least one reward function", cfg.reward.functions)
     check_reward_names(cfg.reward.functions)  # before the next check: a misspelling gets a did-you-mean
-    check(any(f in cfg.reward.functions for f in ("accuracy", "reasoning_gym")), "reward.functions",
-          "must include a correctness function (accuracy or reasoning_gym) to score answers", cfg.reward.functions)
+    check_reward_options(cfg.reward)
+    from aapo_megatron.rewards.registry import correctness_column, correctness_rewards
+
+    check(correctness_column(list(cfg.reward.functions)) is not None, "reward.functions",
+          f"must include a correctness function ({' or '.join(correctness_rewards())}) to score answers",
+          cfg.reward.functions)
     return cfg
 
 
@@ -152,4 +151,4 @@ def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] 
                      values: Optional[dict[str, Any]] = None) -> EvalConfig:
     """EvalConfig from an optional YAML file, dotted `key=value` overrides (YAML values), then `values`
     ({dotted key: value}, taken as is: command-line flags), validated."""
-    return validate_eval_config(from_dict(EvalConfig, load_raw_config(path, overrides, values)))
+    return load(EvalConfig, path, overrides, values, validate=validate_eval_config)

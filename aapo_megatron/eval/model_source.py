@@ -51,7 +51,7 @@ class ModelSource:
         if self.kind == "hf":
             yield self.path
             return
-        from aapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+        from aapo_megatron.checkpoint.conversion.mcore_to_hf import convert_mcore_to_hf
 
         tmp_root = tempfile.mkdtemp(prefix="aapo-eval-hf-")
         try:

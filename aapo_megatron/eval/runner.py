@@ -17,9 +17,9 @@ import zlib
 from typing import Any, Callable, Optional, Sequence
 
 from aapo_megatron.eval.metrics import benchmark_metrics
-from aapo_megatron.rewards.correctness import correctness_column
 from aapo_megatron.rollout.completions import completion_texts, flatten
 from aapo_megatron.rollout.engine import GenerationResult, SamplingSpec
+from aapo_megatron.rewards.registry import correctness_column
 
 GenerateFn = Callable[[list[list[int]], SamplingSpec], GenerationResult]
 

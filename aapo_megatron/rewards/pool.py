@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from aapo_megatron.config import RewardConfig
-from aapo_megatron.rewards.registry import RewardError, resolve_reward
+from aapo_megatron.rewards.registry import RewardError, build_options, resolve_reward
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +212,10 @@ class RewardPool:
             raise RewardError(f"score() got {n} completions but {len(samples)} samples")
         if num_tokens is not None and len(num_tokens) != n:
             raise RewardError(f"score() got {n} completions but {len(num_tokens)} num_tokens")
-        if num_tokens is None and self.cfg.cosine_length_unit == "tokens" and "cosine_length" in self.names:
-            raise RewardError("cosine_length with reward.cosine_length_unit=tokens needs score(..., num_tokens=...)")
+        if (num_tokens is None and "cosine_length" in self.names
+                and build_options("cosine_length", self.cfg).length_unit == "tokens"):
+            raise RewardError("cosine_length with reward.options.cosine_length.length_unit=tokens needs "
+                              "score(..., num_tokens=...)")
         t0 = time.monotonic()
         rows: list[Optional[list[Optional[float]]]] = [None] * n
         state = _BatchState(n)

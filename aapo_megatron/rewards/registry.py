@@ -1,4 +1,9 @@
-"""Reward function registry: name -> fn(RewardInput) -> float. Custom functions are "pkg.module:fn" paths."""
+"""Reward function registry: name -> fn(RewardInput) -> float. Custom functions are "pkg.module:fn" paths.
+
+The built-ins (rewards/functions.py) register themselves when `aapo_megatron.rewards` is imported; this module
+imports none of them. A function registered with `measures_correctness=True` (1.0 = correct) is what the
+trainer's eval and aapo-eval read as "is it correct".
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,16 @@ import difflib
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-from aapo_megatron.config import RewardConfig
+from aapo_megatron.errors import AapoError
 from aapo_megatron.rewards.extract import completion_answer, gold_answer
 
+if TYPE_CHECKING:
+    from aapo_megatron.config import RewardConfig
 
-class RewardError(RuntimeError):
+
+class RewardError(AapoError, RuntimeError):
     """A reward function or the reward pool cannot run (unknown function, worker that cannot start, bad inputs)."""
 
 
@@ -24,11 +32,19 @@ class RewardInput:
     """Decoded completion text (no prompt)."""
     sample: Mapping[str, Any]
     """The prompt's data: "answer" (ground truth) and, for reasoning-gym prompts, "reasoning_gym"."""
-    cfg: RewardConfig
+    cfg: "RewardConfig"
     """Reward settings (answer tag, cosine curve...)."""
     num_tokens: Optional[int] = None
     """Completion length in tokens, when the caller knows it."""
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def options(self, name: str) -> Any:
+        """Reward function `name`'s options: its declared dataclass, `reward.options.<name>` over the defaults
+        (a custom function without a declared class gets its mapping as written). Memoised."""
+        key = f"options:{name}"
+        if key not in self._memo:
+            self._memo[key] = build_options(name, self.cfg)
+        return self._memo[key]
 
     def answer(self) -> Optional[str]:
         """The completion's final answer (reward.answer_extractors in order; default tag if set, else last \\boxed{}), or None."""
@@ -53,31 +69,67 @@ class RewardInput:
 RewardFn = Callable[[RewardInput], float]
 
 _REGISTRY: dict[str, RewardFn] = {}
+_CORRECTNESS: list[str] = []  # registration order = preference order
+_OPTIONS: dict[str, type] = {}  # name -> the dataclass of its reward.options.<name>
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering `fn(RewardInput) -> float` (NaN = does not apply) under `name`."""
+def register_reward(name: str, *, measures_correctness: bool = False,
+                    options: Optional[type] = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering `fn(RewardInput) -> float` (NaN = does not apply) under `name`;
+    measures_correctness: its 1.0 means "the answer is correct" (see `correctness_column`);
+    options: a dataclass of the function's own settings, set as `reward.options.<name>.<field>` (its fields'
+    docstrings document them; an optional `check(prefix)` method adds range checks)."""
 
     def wrap(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise RewardError(f"reward function {name!r} is already registered ({_REGISTRY[name].__module__})")
         _REGISTRY[name] = fn
+        if measures_correctness and name not in _CORRECTNESS:
+            _CORRECTNESS.append(name)
+        if options is not None:
+            _OPTIONS[name] = options
         return fn
 
     return wrap
 
 
+def options_class(name: str) -> Optional[type]:
+    """The options dataclass registered with reward function `name`, or None (it takes none, or is custom)."""
+    return _OPTIONS.get(name)
+
+
+def build_options(name: str, cfg: "RewardConfig") -> Any:
+    """`reward.options.<name>` as the function's options dataclass (defaults for what is unset); ConfigError naming
+    the key for an unknown field or a bad value. A function without a registered class gets the mapping as is."""
+    from aapo_megatron.config.loader import from_dict
+
+    raw = (cfg.options or {}).get(name) or {}
+    cls = options_class(name)
+    if cls is None:
+        return dict(raw)
+    return from_dict(cls, raw, prefix=f"reward.options.{name}.")
+
+
 def registered_rewards() -> list[str]:
     """Names of the built-in (and so far registered) reward functions, sorted."""
-    import aapo_megatron.rewards.functions  # noqa: F401  (registers the built-ins)
-
     return sorted(_REGISTRY)
+
+
+def correctness_rewards() -> list[str]:
+    """Registered functions that measure correctness, in preference order (accuracy before reasoning_gym)."""
+    return list(_CORRECTNESS)
+
+
+def correctness_column(names: Sequence[str]) -> Optional[int]:
+    """Index in `names` of the preferred correctness function (1.0 = correct), or None if none is configured."""
+    for preferred in _CORRECTNESS:
+        if preferred in names:
+            return list(names).index(preferred)
+    return None
 
 
 def resolve_reward(name: str) -> RewardFn:
     """The reward function for a config name: a registered name or "pkg.module:attr"."""
-    import aapo_megatron.rewards.functions  # noqa: F401
-
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:

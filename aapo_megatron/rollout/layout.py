@@ -1,7 +1,8 @@
 """Where the colocated rollout engines run: `rollout.tensor_parallel_size` x `rollout.data_parallel_size`.
 
 Each role (policy, reference) gets `data_parallel_size` replicas, one vLLM engine per TP group of
-`tensor_parallel_size` ranks; the replicas of a role form a `ReplicaSet` (`rollout/replicas.py`).
+`tensor_parallel_size` ranks; the replicas of a role form a `ReplicaSet` (`rollout/replicas.py`), which
+restarts a dead replica alone, with the placement it had.
 
 - GPU: replica r of each role runs on the job's GPUs r*TP .. (r+1)*TP - 1 of rank 0's node (its
   CUDA_VISIBLE_DEVICES while it starts); the policy and the reference replica on a GPU group time-share it
@@ -139,52 +140,8 @@ def check_fits(rollout_cfg: Any, reference: bool = True) -> None:
 def check_job_fits(cfg: Any) -> None:
     """`check_fits` for a training `Config` (aapo-train, before any work): the reference counts when the
     algorithm samples it; SFT starts no engines."""
-    if cfg.algorithm.name == "sft":
+    if cfg.trainer.mode == "sft":
         return
-    from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 
     check_fits(cfg.rollout, ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference)
-
-
-def open_engines(model_path: str, rollout_cfg: Any, *, reference: bool = True,
-                 max_prompt_tokens: Optional[int] = None, **kwargs: Any) -> tuple[Any, Optional[Any]]:
-    """Policy and (optionally) reference engines of `rollout_cfg`'s layout: single engines (DP = 1) or
-    `ReplicaSet`s of DP engines; the arguments are those of `vllm_engine.build_engines`."""
-    from aapo_megatron.rollout.replicas import ReplicaSet
-    from aapo_megatron.rollout.vllm_engine import VLLMRolloutEngine, _scoped_env, build_engines, engine_kwargs
-
-    tp, dp = rollout_cfg.tensor_parallel_size, rollout_cfg.data_parallel_size
-    if tp * dp == 1:
-        return build_engines(model_path, rollout_cfg, reference=reference, max_prompt_tokens=max_prompt_tokens,
-                             **kwargs)
-    places = replica_placements(rollout_cfg, reference)
-    common = engine_kwargs(model_path, rollout_cfg, max_prompt_tokens, **kwargs)
-    common["tensor_parallel_size"] = tp
-    cuda = _platform().cuda
-    built: list[list[Any]] = [[], []]
-
-    def start(role: str, env: dict[str, str]) -> Any:
-        extra = {"weight_transport": getattr(rollout_cfg, "weight_transport", "auto")} if role == "policy" else {}
-        bind = env.get("VLLM_CPU_OMP_THREADS_BIND")
-        with _scoped_env(CUDA_VISIBLE_DEVICES=env.get("CUDA_VISIBLE_DEVICES")):
-            engine = VLLMRolloutEngine(model_path, role=role, **common, **extra,
-                                       **({"cpu_threads_bind": bind} if bind and "cpu_threads_bind" not in common else {}))
-        return engine
-
-    try:
-        for r in range(dp):
-            built[0].append(start("policy", places[0][r]))
-            if cuda and reference:
-                built[0][r].sleep()  # free its GPUs' memory for the reference replica; the first generate wakes it
-        if reference:
-            for r in range(dp):
-                built[1].append(start("reference", places[1][r]))
-    except BaseException:
-        for engine in built[0] + built[1]:
-            engine.close()
-        raise
-    if dp == 1:
-        return built[0][0], built[1][0] if reference else None
-    labels = [[" ".join(f"{k}={v}" for k, v in env.items()) for env in role] for role in places]
-    return (ReplicaSet(built[0], "policy", labels[0]),
-            ReplicaSet(built[1], "reference", labels[1]) if reference else None)

@@ -9,6 +9,10 @@
   the same new version. If one fails, the error names it; the others have the new weights, and generate
   refuses until the versions agree again (the trainer restarts the engines and syncs).
 - sleep / wake_up / close go to every replica; `alive()` says which replicas' engine processes still run.
+- restart_dead: a replica whose engine process died is closed and started again alone (`restart(i)`, the
+  placement it had); the others keep their processes and weights. A restarted policy replica holds the
+  starting checkpoint (version 0), so generate refuses until the next update_weights brings every replica
+  to one version (the trainer's restart policy resyncs: `trainer/rollout_side.py`).
 """
 
 from __future__ import annotations
@@ -112,13 +116,16 @@ class _Fanout:
 class ReplicaSet(RolloutEngine):
     """DP replicas of one role's engine behind the `RolloutEngine` interface (see the module docstring)."""
 
-    def __init__(self, replicas: Sequence[RolloutEngine], role: str, labels: Optional[Sequence[str]] = None):
-        """`replicas` in order (replica r takes the r-th chunk of every batch); `labels` (e.g. their cores) for errors."""
+    def __init__(self, replicas: Sequence[RolloutEngine], role: str, labels: Optional[Sequence[str]] = None,
+                 restart: Optional[Callable[[int], RolloutEngine]] = None):
+        """`replicas` in order (replica r takes the r-th chunk of every batch); `labels` (e.g. their cores) for
+        errors; `restart(r)` starts replica r afresh where it ran (for `restart_dead`)."""
         if not replicas:
             raise ValueError("a ReplicaSet needs at least one replica")
         self.replicas = list(replicas)
         self.role = role
         self.labels = list(labels) if labels is not None else [""] * len(self.replicas)
+        self.restart = restart
         self.vocab_size = getattr(self.replicas[0], "vocab_size", None)
 
     def _name(self, i: int) -> str:
@@ -209,6 +216,27 @@ class ReplicaSet(RolloutEngine):
     def alive(self) -> list[bool]:
         """Per replica: whether its engine process still runs."""
         return [engine_alive(r) for r in self.replicas]
+
+    def dead(self) -> list[int]:
+        """Indices of the replicas whose engine process is known dead."""
+        return [i for i, ok in enumerate(self.alive()) if not ok]
+
+    def restart_dead(self) -> list[int]:
+        """Close each dead replica and start it again with `restart` (the others keep running); the indices
+        restarted. A failed start raises RolloutError naming the replica (the others stay as they are)."""
+        dead = self.dead()
+        if dead and self.restart is None:
+            raise RolloutError(f"{self._name(dead[0])} is dead and this ReplicaSet was built without a restart")
+        for i in dead:
+            try:
+                self.replicas[i].close()
+            except Exception:  # noqa: BLE001 - it is dead already; its resources go with it
+                pass
+            try:
+                self.replicas[i] = self.restart(i)
+            except Exception as exc:
+                raise RolloutError(f"restarting {self._name(i)} failed: {type(exc).__name__}: {exc}") from exc
+        return dead
 
     def close(self) -> None:
         """Close every replica (all are tried; the first error is raised after)."""

@@ -7,13 +7,15 @@ The app is the one `vllm serve` builds (its `/v1/completions` etc. included), wi
 the engine, a policy engine's weight-transfer engine (`gloo` on CPU, vLLM's `nccl` on GPU: weights from a
 trainer on another host, `server_transfer.py`; bucket files in --weight-dir serve a trainer on this host), our routes (`server_routes.py`: /health, /version, /generate, /update_weights) in place of its
 /health and /version, and `RequestGuard` in front of everything: a bearer token on every route but /health,
-a request-body size and read-time bound. Idle connections are closed after --keep-alive-timeout-s.
+a request-body size and read-time bound. Idle connections are closed after --keep-alive-timeout-s. When the
+engine process dies, /health and /generate answer 503 and the server exits 1 (`server_liveness.py`).
 Binds 127.0.0.1 unless --host says otherwise; any other address needs a token (exit 2 without one).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "session must be heard from (the client sends heartbeats at this interval), seconds")
     g.add_argument("--takeover-timeout-s", type=float, default=30.0,
                    help="a new update takes over a session silent for this long, seconds")
+    g.add_argument("--dead-engine-exit-s", type=float, default=10.0,
+                   help="once the engine process is dead, /health and /generate answer 503 for this long, then "
+                        "the server exits 1, seconds")
     g = p.add_argument_group("engine")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     g.add_argument("--memory-fraction", type=float, default=0.15, help="vLLM gpu_memory_utilization")
@@ -82,7 +87,7 @@ def check_args(args: argparse.Namespace, token: Optional[str]) -> Optional[str]:
     if args.weight_dir is not None and not os.path.isdir(args.weight_dir):
         return f"--weight-dir {args.weight_dir!r} is not a directory"
     for name in ("max_request_mb", "max_prompts", "max_n", "body_timeout_s", "keep_alive_timeout_s",
-                 "limit_concurrency", "heartbeat_interval_s", "takeover_timeout_s"):
+                 "limit_concurrency", "heartbeat_interval_s", "takeover_timeout_s", "dead_engine_exit_s"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}"
     if args.takeover_timeout_s <= args.heartbeat_interval_s:
@@ -122,14 +127,16 @@ def vllm_args(args: argparse.Namespace, hf_config: dict) -> argparse.Namespace:
     return parsed
 
 
-async def serve(args: argparse.Namespace, token: Optional[str], hf_config: dict) -> None:
-    """Build vLLM's app around its engine, add our routes and guard, and serve until SIGINT/SIGTERM."""
+async def serve(args: argparse.Namespace, token: Optional[str], hf_config: dict) -> int:
+    """Build vLLM's app around its engine, add our routes and guard, and serve until SIGINT/SIGTERM (exit code
+    0) or until --dead-engine-exit-s after the engine process died (exit code 1)."""
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
     from aapo_megatron.rollout.server_guard import IdleClosingH11Protocol, RequestGuard
+    from aapo_megatron.rollout.server_liveness import EngineWatch
     from aapo_megatron.rollout.server_routes import Limits, RolloutState, install
     from aapo_megatron.rollout.server_transfer import num_transfer_workers, transfer_backend
     from aapo_megatron.rollout.update_session import SessionTable, required_tensor_names
@@ -155,22 +162,26 @@ async def serve(args: argparse.Namespace, token: Optional[str], hf_config: dict)
                              transports=("shm", transfer_backend(current_platform().cuda)),
                              transfer_workers=num_transfer_workers(engine_client))
         install(app, state)
+        watch = app.state.engine_watch = EngineWatch(args.role, args.dead_engine_exit_s)
         app.middleware_stack = None  # vLLM's bootstrap built it already; Starlette rebuilds it on the first call
         app.add_middleware(RequestGuard, token=token, max_body_bytes=int(args.max_request_mb * 2**20),
                            body_timeout_s=args.body_timeout_s)
         await init_app_state(engine_client, app.state, vargs, supported_tasks)
         log.info("serving %s (%s) on %s:%s", args.model, args.role, args.host, args.port)
+        watching = asyncio.get_running_loop().create_task(watch.run(app, engine_client))
         try:
             shutdown = await serve_http(app, sock=sock, host=args.host, port=args.port, log_level="info",
                                         access_log=False, timeout_keep_alive=args.keep_alive_timeout_s,
                                         limit_concurrency=args.limit_concurrency, http=IdleClosingH11Protocol)
         finally:
+            watching.cancel()
             if sessions is not None:
                 sessions.drop()
     try:
         await shutdown
     finally:
         sock.close()
+    return watch.exit_code
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -191,14 +202,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     from aapo_megatron.rollout.vllm_engine import all_cpu_cores_bind
 
     cli_env_setup()
+    os.environ["VLLM_KEEP_ALIVE_ON_ENGINE_DEATH"] = "1"  # our EngineWatch decides when a dead engine's server exits
     bind = args.cpu_cores or (all_cpu_cores_bind() if args.tensor_parallel_size == 1 else None)
     if bind is not None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     ipc_dir = None
     if "VLLM_RPC_BASE_PATH" not in os.environ:  # vLLM's ZMQ socket files: a directory of ours, removed below
         ipc_dir = os.environ["VLLM_RPC_BASE_PATH"] = owned_tempdir("aapo-vllm-ipc-")
+    code = 0
     try:
-        uvloop.run(serve(args, token, hf_config))
+        code = uvloop.run(serve(args, token, hf_config))
     except KeyboardInterrupt:
         pass
     finally:
@@ -206,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             import shutil
 
             shutil.rmtree(ipc_dir, ignore_errors=True)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

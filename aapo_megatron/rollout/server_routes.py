@@ -190,15 +190,12 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Engine liveness (503 when the engine process is dead) and update state; open without a token."""
-    from vllm.v1.engine.exceptions import EngineDeadError
-
+    """Engine liveness (503 when the engine process is dead: `server_liveness`) and update state; open without
+    a token."""
     st: RolloutState = request.app.state.aapo
-    try:
-        await request.app.state.engine_client.check_health()
-    except EngineDeadError as exc:
-        return JSONResponse({"status": "dead", "error": str(exc) or "the engine process is dead",
-                             "weight_version": st.version}, status_code=503)
+    dead = request.app.state.engine_watch.check(request.app.state.engine_client)
+    if dead:
+        return JSONResponse({"status": "dead", "error": dead, "weight_version": st.version}, status_code=503)
     status = "incomplete" if st.broken else ("updating" if st.sessions and st.sessions.session else "ok")
     return JSONResponse({"status": status, "weight_version": st.version})
 
@@ -226,19 +223,22 @@ async def generate(request: Request) -> JSONResponse:
         prompts, spec = check_generate(await json_body(request), st.limits, st.vocab_size)
     except BadRequest as exc:
         return error(400, str(exc))
+    watch, engine = request.app.state.engine_watch, request.app.state.engine_client
+    dead = watch.check(engine)
+    if dead:
+        return error(503, dead)
     await st.gate.acquire_read()
     try:
         if st.broken:
             return error(503, st.broken)
         used = st.version
-        engine = request.app.state.engine_client
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         outs = await asyncio.gather(*[
             _generate_one(engine, p, spec, None if spec.seed is None else spec.seed + i) for i, p in enumerate(prompts)])
         seconds = loop.time() - t0
     except Exception as exc:  # noqa: BLE001 - an engine failure is the server's 503, with its reason
-        return error(503, f"generate failed: {type(exc).__name__}: {exc}")
+        return error(503, watch.check(engine) or f"generate failed: {type(exc).__name__}: {exc}")
     finally:
         await st.gate.release_read()
     groups = [_completions(o, spec.logprobs) for o in outs]

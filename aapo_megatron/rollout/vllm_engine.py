@@ -282,12 +282,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def _make_transport(self) -> WeightTransport:
         """The trainer side of this engine's transport (shm files, or a vLLM weight-transfer client)."""
-        from aapo_megatron.rollout.transport.broadcast import LLMClient
-
-        cls = load_transport(self.transport)
-        if self.transport == "shm":
-            return cls(self.llm, self.shm_dir)
-        return cls(LLMClient(self.llm))
+        return load_transport(self.transport).for_engine(self.llm, self.shm_dir)
 
     # ------------------------------------------------------------------ sleep mode (colocated time-sharing)
 

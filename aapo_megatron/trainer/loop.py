@@ -27,7 +27,8 @@ from aapo_megatron.checkpoint.errors import CheckpointError, CheckpointSaveError
 from aapo_megatron.checkpoint.manager import CheckpointManager
 from aapo_megatron.config import Config, ConfigError, dump_yaml
 from aapo_megatron.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK, EXIT_SAVE_FAILED, EXIT_STOPPED, AapoError
-from aapo_megatron.distributed import current_layout, init_distributed, seed_everything, teardown_distributed
+from aapo_megatron.distributed import (current_layout, init_distributed, read_dist_env, seed_everything,
+                                      teardown_distributed)
 from aapo_megatron.trainer.reference import build_run_reference
 from aapo_megatron.trainer import build, reference_identity, sft, timeshare, weights_out
 from aapo_megatron.trainer.batch import RolloutBatch
@@ -39,6 +40,7 @@ from aapo_megatron.trainer.report import Progress, phase_timer, print_summary
 from aapo_megatron.trainer.rollout_side import RolloutSide
 from aapo_megatron.trainer.signals import StopRequest
 from aapo_megatron.trainer.updates import guard, run_updates, update_metrics
+from aapo_megatron.validation import validate
 
 log = logging.getLogger("aapo_megatron.trainer")
 
@@ -86,6 +88,7 @@ class TrainingJob:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        validate(cfg, read_dist_env().world_size)  # ConfigError names the key (incl. the world size), before any group
         self.env = init_distributed(cfg)
         self.rank = self.env.rank
         self.is_rank0 = self.rank == 0

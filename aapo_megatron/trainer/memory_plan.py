@@ -9,7 +9,9 @@ For each pipeline stage it counts, on one device of that stage:
 - the frozen Megatron reference model's weights, when the run builds one (none when offloaded to the host);
 - colocated vLLM engines: each takes `rollout.memory_fraction` of the device (vLLM's budget for its
   weights and KV cache); on GPU they sleep while Megatron trains, so the device is planned twice: training
-  (engines asleep) and generation (engines awake, Megatron's weights, gradients and optimizer resident);
+  (engines asleep) and generation (engines awake, Megatron's weights, gradients and optimizer resident).
+  An engine's own weights on one of its GPUs (all parameters / `rollout.tensor_parallel_size`, in the
+  rollout dtype) must fit inside that budget, or the plan does not fit (`engine_weights_problem`);
 - on GPU, a fixed reserve for the CUDA context, communicator buffers and allocator slack (`plan.reserve_gb`).
 
 The activation model counts, per token and layer, the tensors autograd saves in our layer specs (measured
@@ -69,6 +71,8 @@ class MemoryPlan:
     capacity_source: str
     stages: list[StagePlan]
     layout: str
+    problem: Optional[str] = None
+    """Why the plan cannot work whatever the totals (a colocated engine's weights over its budget), or None."""
 
     @property
     def worst(self) -> StagePlan:
@@ -77,8 +81,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        """Whether every device's total is within its capacity."""
-        return self.worst.total <= self.capacity
+        """Whether every device's total is within its capacity (and there is no `problem`)."""
+        return self.problem is None and self.worst.total <= self.capacity
 
     def largest(self, n: int = 3) -> list[PlanItem]:
         """The n largest items of the fullest device."""
@@ -98,8 +102,11 @@ class MemoryPlan:
             lines.append(f"    ({other} phase: {worst.other_phase_total / GIB:.2f} GiB)")
         if len(self.stages) > 1:
             lines.append("  per stage: " + ", ".join(f"{s.stage}: {s.total / GIB:.2f} GiB" for s in self.stages))
-        lines.append("  fits" if self.fits else
-                     f"  DOES NOT FIT: {worst.total / GIB:.2f} GiB > {self.capacity / GIB:.2f} GiB")
+        if self.problem is not None:
+            lines.append(f"  DOES NOT FIT: {self.problem}")
+        else:
+            lines.append("  fits" if self.fits else
+                         f"  DOES NOT FIT: {worst.total / GIB:.2f} GiB > {self.capacity / GIB:.2f} GiB")
         return "\n".join(lines)
 
 
@@ -185,10 +192,31 @@ def colocated_engines(cfg: Config) -> int:
     """vLLM engines that share rank 0's device (0 with rollout servers)."""
     if cfg.rollout.placement != "colocated":
         return 0
-    from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    if cfg.trainer.mode == "sft":
+        return 0
+    from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 
-    needs_reference = cfg.algorithm.name != "sft" and ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
-    return 1 + int(needs_reference) if cfg.algorithm.name != "sft" else 0
+    return 1 + int(ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference)
+
+
+def engine_weights_problem(cfg: Config, spec: ArchSpec, capacity: int, cuda: bool) -> Optional[str]:
+    """None when one colocated engine's weights on one of its devices (every parameter / rollout TP, in the
+    rollout dtype) fit in its `rollout.memory_fraction` x `capacity` bytes; else why, naming the keys."""
+    if not colocated_engines(cfg):
+        return None
+    tp, fraction = cfg.rollout.tensor_parallel_size, cfg.rollout.memory_fraction
+    name = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    params = stage_parameters(spec, 1, 1, 0)
+    need, budget = params * DTYPE_BYTES[name] // tp, int(fraction * capacity)
+    if need < budget:
+        return None
+    least = math.ceil(params * DTYPE_BYTES[name] / budget)
+    return (f"'rollout.tensor_parallel_size' = {tp}: each colocated vLLM engine holds {need / GIB:.1f} GiB of "
+            f"weights per device ({params / 1e9:.1f}B params x {DTYPE_BYTES[name]} B ({name}) / {tp}), not less "
+            f"than its budget of rollout.memory_fraction={fraction:g} x {capacity / GIB:.1f} GiB = "
+            f"{budget / GIB:.1f} GiB (weights and KV cache): raise rollout.tensor_parallel_size (to at least "
+            f"{least} at this memory_fraction) or rollout.memory_fraction (over {need / capacity:.2f} at this TP, "
+            f"with room left for the KV cache)")
 
 
 def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, capacity: Optional[int] = None,
@@ -258,7 +286,8 @@ def plan_memory(cfg: Config, spec: ArchSpec, world_size: Optional[int] = None, c
             if gen.total > stages[-1].total:
                 stages[-1] = gen
     layout = f"TP={tp} PP={pp} DP={dp}, {dtype}".replace("torch.", "")
-    return MemoryPlan(capacity=capacity, capacity_source=source, stages=stages, layout=layout)
+    return MemoryPlan(capacity=capacity, capacity_source=source, stages=stages, layout=layout,
+                      problem=engine_weights_problem(cfg, spec, capacity, cuda))
 
 
 def arch_for_plan(cfg: Config) -> ArchSpec:
@@ -292,6 +321,8 @@ def launch_world_size() -> Optional[int]:
 def check_plan(cfg: Config, world_size: Optional[int] = None) -> MemoryPlan:
     """The run's plan; raise ConfigError naming the largest items when it does not fit."""
     plan = plan_memory(cfg, arch_for_plan(cfg), world_size or launch_world_size())
+    if plan.problem is not None:
+        raise ConfigError(f"the memory plan does not fit: {plan.problem} (see `aapo-train --plan`)")
     if not plan.fits:
         worst = plan.worst
         big = ", ".join(f"{i.name} {i.bytes / GIB:.1f} GiB" for i in plan.largest())

@@ -160,7 +160,7 @@ class ReferenceModel:
 
 def needs_reference(cfg) -> bool:
     """Whether the run builds the frozen Megatron reference: algorithm.kl_beta > 0 or algorithm.reference_kl."""
-    return cfg.algorithm.name != "sft" and (cfg.algorithm.kl_beta > 0 or cfg.algorithm.reference_kl)
+    return cfg.trainer.mode == "rl" and (cfg.algorithm.kl_beta > 0 or cfg.algorithm.reference_kl)
 
 
 def build_run_reference(cfg, spec: ArchSpec, policy: torch.nn.Module, hf_init: str) -> Optional[ReferenceModel]:

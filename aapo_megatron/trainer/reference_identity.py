@@ -18,7 +18,10 @@ import logging
 import os
 from typing import Optional
 
+import torch.distributed as dist
+
 from aapo_megatron.config import ConfigError
+from aapo_megatron.trainer.rank_zero import broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,8 @@ def rebuildable(cfg) -> bool:
 def rebuild_if_missing(job, hf_init: str) -> bool:
     """Collective, before a resume loads its checkpoint: export the still-initial policy to a missing hf_init
     when that is reproducible. True if it was exported."""
-    from aapo_megatron.trainer.loop import _broadcast_object
-
-    missing = _broadcast_object(not os.path.isdir(hf_init) if job.is_rank0 else None)
-    if not missing or not rebuildable(job.cfg) or job.cfg.algorithm.name == "sft":
+    missing = broadcast_object(not os.path.isdir(hf_init) if job.is_rank0 else None, dist.group.WORLD)
+    if not missing or not rebuildable(job.cfg) or job.cfg.trainer.mode == "sft":
         return False
     log.info("%s is missing: rebuilding the frozen reference from the initial weights (%s)", hf_init,
              job.cfg.model.path or "scratch init, trainer.seed")
@@ -63,15 +64,13 @@ def rebuild_if_missing(job, hf_init: str) -> bool:
 def settle(job, hf_init: str, resumed_step: Optional[int], rebuilt: bool) -> None:
     """Collective, after hf_init exists or should: record its hash (fresh start) or check it against the
     checkpoint's (resume); a mismatch or an unrebuildable hf_init is a ConfigError (exit 2) on every rank."""
-    from aapo_megatron.trainer.loop import _broadcast_object
-
     error = None
     if job.is_rank0:
         try:
             _settle_rank0(job, hf_init, resumed_step, rebuilt)
         except ConfigError as exc:
             error = str(exc)
-    error = _broadcast_object(error)
+    error = broadcast_object(error, dist.group.WORLD)
     if error is not None:
         raise ConfigError(error)
 

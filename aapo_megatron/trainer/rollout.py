@@ -18,10 +18,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from aapo_megatron.algorithms.advantages import build_advantage_estimator
+from aapo_megatron.algorithms import build_advantage_estimator
 from aapo_megatron.config import Config
 from aapo_megatron.eval.runner import held_out_metrics
-from aapo_megatron.rewards.correctness import correctness_column
+from aapo_megatron.rewards.registry import correctness_column
 from aapo_megatron.rollout.completions import completion_texts, flatten
 from aapo_megatron.rollout.engine import Completion, RolloutEngine, SamplingSpec
 from aapo_megatron.trainer.batch import RolloutBatch

@@ -5,7 +5,9 @@ spawned processes), `rank_zero.on_rank0` gives every rank its outcome, so a fail
 with rank 0's message instead of leaving them at the next collective. Attributes are None on the other ranks.
 
 Restart policy: a failed engine (generation or weight sync) restarts both engines once from the run's starting
-checkpoint (placement=server: connects again) and the action is repeated; a second failure stops the run.
+checkpoint (placement=server: connects again) and the action is repeated; a second failure stops the run. With
+rollout.data_parallel_size > 1, when replicas are dead only those restart (`ReplicaSet.restart_dead`), the others
+keep running; the repeat's resync then gives every replica the current weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
-from aapo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from aapo_megatron.algorithms import ADVANTAGE_ESTIMATORS
 from aapo_megatron.algorithms.temperature import engine_logprobs_mode
 from aapo_megatron.config import Config, ConfigError
 from aapo_megatron.data.dataset import PromptDataset
@@ -26,6 +28,7 @@ from aapo_megatron.data.sampler import ResumableSampler
 from aapo_megatron.rewards.pool import RewardPool
 from aapo_megatron.rollout.engine import RolloutError
 from aapo_megatron.rollout.reference_cache import ReferenceCache
+from aapo_megatron.rollout.replicas import ReplicaSet
 from aapo_megatron.trainer import timeshare
 from aapo_megatron.trainer.batch import RolloutBatch
 from aapo_megatron.trainer.errors import EngineFailure, TrainingError
@@ -117,11 +120,11 @@ class RolloutSide:
             from aapo_megatron.rollout.client import connect_servers  # the HTTP client stack, server runs only
 
             # A warm start (trainer.sft_steps > 0) with a reference server is refused in validation
-            # (config_checks.check_server_with_sft).
+            # (validation.check_server_with_sft).
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size)
-        from aapo_megatron.rollout.layout import open_engines  # vLLM, colocated runs only
+        from aapo_megatron.rollout.colocated import open_engines  # vLLM, colocated runs only
 
         log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")
         return open_engines(self.hf_init, cfg.rollout, reference=reference,
@@ -133,6 +136,8 @@ class RolloutSide:
 
     def _reopen(self) -> None:
         self.collector.discard_prefetch(timeout=PREFETCH_CLOSE_TIMEOUT_S)  # it may be running on an engine closed here
+        if self._restart_dead_replicas():
+            return
         for engine in (self.policy_engine, self.reference_engine):
             if engine is not None:
                 try:
@@ -142,6 +147,19 @@ class RolloutSide:
         with usr1_blocked_in_children():
             self.policy_engine, self.reference_engine = self._open_engines(self.reference_engine is not None)
         self.collector.policy, self.collector.reference = self.policy_engine, self.reference_engine
+
+    def _restart_dead_replicas(self) -> bool:
+        """DP replica sets with dead replicas restart only those; False (restart everything) when no replica
+        is dead (a hang, a refusal) or the engines are single engines or servers."""
+        sets = [e for e in (self.policy_engine, self.reference_engine) if isinstance(e, ReplicaSet)]
+        if not any(s.dead() for s in sets):
+            return False
+        with usr1_blocked_in_children():
+            for s in sets:
+                for i in s.restart_dead():
+                    log.warning("restarted %s replica %d/%d alone (its engine process was dead)", s.role, i,
+                                len(s.replicas))
+        return True
 
     def with_restart(self, action: Callable[[], T], what: str, after_restart: Callable[[], None]) -> T:
         """Collective: action(); on an EngineFailure (raised on every rank) restart the engines once, call

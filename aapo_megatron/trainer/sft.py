@@ -27,7 +27,7 @@ log = logging.getLogger("aapo_megatron.trainer")
 
 def sft_only(cfg: Config) -> bool:
     """Whether the run is supervised only (no RL after the SFT steps)."""
-    return cfg.algorithm.name == "sft"
+    return cfg.trainer.mode == "sft"
 
 
 def wants_sft(cfg: Config) -> bool:

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from aapo_megatron.checkpoint.errors import ConversionError, CorruptShardError, MissingTensorError, ShapeMismatchError
 from aapo_megatron.checkpoint.hf import INDEX_NAME, HFCheckpointReader, parse_size
 from aapo_megatron.checkpoint.hf_writer import SafetensorsShardWriter, finalize_shards, write_config
-from aapo_megatron.convert.outdir import OutputExistsError
-from aapo_megatron.convert.outdir import atomic_output_dir
+from aapo_megatron.checkpoint.conversion.outdir import OutputExistsError
+from aapo_megatron.checkpoint.conversion.outdir import atomic_output_dir
 
 
 def _tensors() -> dict[str, torch.Tensor]:

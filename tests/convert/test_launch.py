@@ -7,7 +7,7 @@ import os
 import pytest
 
 from aapo_megatron.checkpoint.errors import ConversionError, ShapeMismatchError
-from aapo_megatron.convert.launch import run_workers
+from aapo_megatron.checkpoint.conversion.launch import run_workers
 
 
 def _ok(rank: int, world: int, tag: str):

@@ -47,8 +47,8 @@ def _layouts_body(rank: int, world: int, cases: dict, root: str) -> dict:
 
     from aapo_megatron.checkpoint.hf_writer import finalize_shards, write_config
     from aapo_megatron.checkpoint.mcore import save_mcore_checkpoint
-    from aapo_megatron.convert.hf_to_mcore import _hf_to_mcore_worker
-    from aapo_megatron.convert.mcore_to_hf import _mcore_to_hf_worker
+    from aapo_megatron.checkpoint.conversion.hf_to_mcore import _hf_to_mcore_worker
+    from aapo_megatron.checkpoint.conversion.mcore_to_hf import _mcore_to_hf_worker
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.distributed import teardown_distributed
 

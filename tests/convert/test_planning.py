@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from aapo_megatron.checkpoint.errors import ConversionError
 from aapo_megatron.checkpoint.hf import HFCheckpointReader
-from aapo_megatron.convert.hf_to_mcore import choose_workers, resolve_dtype_name, validate_hf_checkpoint
+from aapo_megatron.checkpoint.conversion.hf_to_mcore import choose_workers, resolve_dtype_name, validate_hf_checkpoint
 from aapo_megatron.models.arch import ArchSpec
 
 GiB = 2**30

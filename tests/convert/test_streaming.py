@@ -128,8 +128,8 @@ def _many_tensor_llama(path: str) -> dict:
 
 @pytest.mark.slow
 def test_conversions_hold_a_few_tensors_not_the_stage(tmp_path):
-    from aapo_megatron.convert.hf_to_mcore import convert_hf_to_mcore
-    from aapo_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+    from aapo_megatron.checkpoint.conversion.hf_to_mcore import convert_hf_to_mcore
+    from aapo_megatron.checkpoint.conversion.mcore_to_hf import convert_mcore_to_hf
 
     hf = str(tmp_path / "hf")
     sd = _many_tensor_llama(hf)
@@ -166,7 +166,7 @@ def test_worker_imports_megatron_without_inductor():
     code = (
         "import sys, torch\n"
         "real = torch.compile\n"
-        "from aapo_megatron.convert.memory import import_megatron_without_compile\n"
+        "from aapo_megatron.checkpoint.conversion.memory import import_megatron_without_compile\n"
         "import_megatron_without_compile()\n"
         "import megatron.core.jit as jit\n"
         "from aapo_megatron.models.gpt import build_gpt_model\n"

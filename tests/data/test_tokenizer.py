@@ -84,7 +84,7 @@ def test_an_hf_model_dir_carries_the_tokenizer(tmp_path, tokenizer):
 
 
 def test_tokenizer_for_config_trains_once_then_reuses(tmp_path):
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.data import tokenizer_for_config
 
     cfg = load_config(None, ["data.source=reasoning_gym", "data.reasoning_gym_task=chain_sum", "data.train_size=300",

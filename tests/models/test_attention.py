@@ -10,7 +10,8 @@ def _compare(rank, world):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from aapo_megatron.config import ParallelConfig, load_config
+    from aapo_megatron.config import ParallelConfig
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.attention import SDPADotProductAttention
     from aapo_megatron.models.gpt import transformer_config

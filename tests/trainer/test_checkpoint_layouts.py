@@ -14,7 +14,7 @@ LR = 1e-3
 
 
 def _cfg(run_dir, ckpt_dir, tp, pp, *extra):
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
 
     return load_config(CONFIG, TINY + [
         f"trainer.run_dir={run_dir}", f"checkpoint.dir={ckpt_dir}", "trainer.sft_steps=0", "trainer.steps=2",

@@ -30,8 +30,8 @@ TINY = [
     "rollout.num_generations=4", "rollout.max_new_tokens=6",
     # cosine_length on characters varies with the sampled text, so groups have reward variance even
     # though a 3-step SFT model is never correct: the updates are not all zero.
-    "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.cosine_max_len=40",
-    "reward.cosine_length_unit=chars", "trainer.eval_every=0", "optim.lr=1e-3", "logging.tensorboard=false",
+    "reward.functions={reasoning_gym: 1.0, cosine_length: 0.5}", "reward.options.cosine_length.max_len=40",
+    "reward.options.cosine_length.length_unit=chars", "trainer.eval_every=0", "optim.lr=1e-3", "logging.tensorboard=false",
 ]
 
 
@@ -234,7 +234,7 @@ def test_dead_rollout_engine_is_restarted_once(tmp_path):
 def _eval_before_and_after_rl(run_dir, out_root):
     """aapo-eval on the run's held-out split: the starting weights (hf_init, an HF dir) and the RL result (the run
     dir: its latest Megatron checkpoint, TP=2, converted on the fly); both accuracies are reported."""
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.data.reasoning_gym_source import reasoning_gym_splits
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
@@ -270,7 +270,7 @@ def _start_model(tmp_path):
     """An HF directory with the tiny run's architecture and tokenizer, random weights: what the servers load."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.data.tokenizer import tokenizer_for_config
     from aapo_megatron.models.arch import ArchSpec, to_hf_config
 

@@ -4,7 +4,7 @@ the group_token_mean / constant aggregations through packed micro-batches, again
 import pytest
 import torch
 
-from aapo_megatron.config import load_config
+from aapo_megatron.validation import load_config
 from aapo_megatron.trainer.batch import RolloutBatch, make_packed_micro_batches
 from aapo_megatron.trainer.losses import build_loss_fn, update_loss_settings
 

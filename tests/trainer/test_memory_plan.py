@@ -31,7 +31,7 @@ CASES = {"quickstart": (128, 1024, 24), "smollm2": (128, 512, 12)}
 
 
 def _config(model: str, tp: int, pp: int, extra: tuple = ()):
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
 
     seq_len, mbt, _ = CASES[model]
     overrides = [*extra, f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
@@ -162,3 +162,29 @@ def test_shipped_gpu_configs_fit_80_gb_by_their_own_plan(config, arch, world):
                        "--set", "plan.platform=gpu", "--set", f"plan.hf_config={os.path.join(REPO, 'configs', 'arch', arch)}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fits" in proc.stdout
+
+
+COLOCATED_70B = ["rollout.placement=colocated", "rollout.tensor_parallel_size=8", "rollout.memory_fraction=0.23"]
+"""The colocated 70B variant's overrides (docs/cluster.md, slurm/aapo_70b.sh): rollout TP=8 on rank 0's node."""
+
+
+def test_colocated_70b_variant_fits_with_rollout_tp8_and_tp1_is_refused_naming_the_key():
+    from aapo_megatron.config import ConfigError, load_config
+    from aapo_megatron.rollout.layout import gpu_groups
+    from aapo_megatron.trainer.memory_plan import check_plan
+
+    config = os.path.join(REPO, "configs", "llama3_70b.yaml")
+    plan_for_gpu = ["plan.platform=gpu", f"plan.hf_config={os.path.join(REPO, 'configs', 'arch', 'llama-3.1-70b-instruct.json')}"]
+    cfg = load_config(config, plan_for_gpu + COLOCATED_70B)  # validation: TP=8 divides the 64 heads and 8 KV heads
+    assert gpu_groups([str(g) for g in range(8)], 8, 1) == ["0,1,2,3,4,5,6,7"]  # rank 0's node holds the engines
+    plan = check_plan(cfg, world_size=32)  # what aapo-train runs before any work (exit 2 if it raises)
+    assert plan.fits and plan.problem is None
+    device0 = plan.stages[0]
+    assert device0.phase == "generation" and device0.other_phase_total < device0.total
+    engines = {i.name: i.bytes for i in device0.items}["vLLM engines x2 (colocated)"]
+    assert engines == int(2 * 0.23 * plan.capacity)  # policy + reference awake together, asleep while training
+    with pytest.raises(ConfigError, match=r"'rollout.tensor_parallel_size' = 1: each colocated vLLM engine holds "
+                                          r"[\d.]+ GiB of weights per device .* raise rollout.tensor_parallel_size"):
+        check_plan(load_config(config, plan_for_gpu + ["rollout.placement=colocated"]), world_size=32)
+    with pytest.raises(ConfigError, match=r"'rollout.tensor_parallel_size' = 4"):  # 4 is not enough either
+        check_plan(load_config(config, plan_for_gpu + COLOCATED_70B + ["rollout.tensor_parallel_size=4"]), world_size=32)

@@ -52,7 +52,7 @@ def test_reference_is_frozen(tp: int, pp: int):
 def test_the_reference_is_built_only_when_the_run_needs_it():
     """kl_beta > 0 or reference_kl: a Megatron reference; otherwise none (no extra memory). A resume that lost
     hf_init is covered by tests/trainer/test_reference_identity.py."""
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.trainer.reference import needs_reference
 
     assert needs_reference(load_config(None, ["algorithm.kl_beta=0.05"]))

@@ -17,7 +17,7 @@ class _Reached(Exception):
 
 
 def _cfg(run_dir, *extra):
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
 
     return load_config(CONFIG, TINY + [f"trainer.run_dir={run_dir}", "trainer.sft_steps=0", "trainer.steps=2",
                                        "model.scratch.hidden_size=32", "model.scratch.ffn_hidden_size=64",

@@ -15,7 +15,7 @@ from aapo_megatron.checkpoint.manager import CheckpointManager
 from aapo_megatron.trainer.metrics import read_metrics
 from tests.trainer.test_e2e import _cmd, _env, _wait_for
 
-SFT = ["algorithm.name=sft", "trainer.sft_steps=30", "checkpoint.save_every=0"]
+SFT = ["trainer.mode=sft", "trainer.sft_steps=30", "checkpoint.save_every=0"]
 
 
 def _sft_losses(run_dir):

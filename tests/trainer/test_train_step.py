@@ -49,7 +49,8 @@ def _gathered_grads(model, mapping) -> dict[str, torch.Tensor]:
 def _train(rank, world, tp, pp, token_budget, loss_name, updates, pack=False, fused_adam=True, poison=False):
     from megatron.core import parallel_state as ps
 
-    from aapo_megatron.config import OptimConfig, load_config
+    from aapo_megatron.config import OptimConfig
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.arch import ArchSpec
     from aapo_megatron.models.gpt import build_policy
     from aapo_megatron.models.mapping import WeightMapping
@@ -132,7 +133,7 @@ def _reference_loss():
     """-sum(A * log p * m) / sum(m) for the initial weights, with HF transformers + log_softmax."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.models.arch import ArchSpec, to_hf_config
     from aapo_megatron.models.mapping import WeightMapping
 

@@ -273,6 +273,14 @@ class WeightTransport(abc.ABC):
         """Send every HF-named tensor to the engine in buckets (via `stream_buckets`); returns the stats."""
 
     @classmethod
+    def for_engine(cls, llm: Any, shm_dir: Optional[str] = None) -> "WeightTransport":
+        """The trainer side for an in-process `vllm.LLM` (a colocated engine): by default `cls(client)` over
+        vLLM's weight-transfer API (`llm_client.LLMClient`); `shm_dir` is for transports that use files."""
+        from aapo_megatron.rollout.transport.llm_client import LLMClient
+
+        return cls(LLMClient(llm))
+
+    @classmethod
     def engine_kwargs(cls) -> dict[str, Any]:
         """Extra `vllm.LLM(...)` arguments this transport needs on the receiving side."""
         return {}

@@ -29,7 +29,7 @@ class IpcTransport(WeightTransport):
     name = "ipc"
 
     def __init__(self, client: Any):
-        """client: `broadcast.LLMClient` or a `VLLMWeightSyncClient`."""
+        """client: `llm_client.LLMClient` or a `VLLMWeightSyncClient`."""
         self.client = client
         self.initialized = False
 

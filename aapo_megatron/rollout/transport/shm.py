@@ -161,6 +161,11 @@ class ShmTransport(WeightTransport):
 
     name = "shm"
 
+    @classmethod
+    def for_engine(cls, llm: Any, shm_dir: Optional[str] = None) -> "ShmTransport":
+        """Slot files under `shm_dir`, loaded by the engine's worker extension."""
+        return cls(llm, shm_dir)
+
     def __init__(self, llm: Any, shm_dir: Optional[str] = None):
         self.llm = llm
         self.shm_dir = shm_dir

@@ -15,7 +15,7 @@ holds about one tensor at once instead of its whole stage. The checkpoint holds 
 `save_mcore_checkpoint` would write: the same keys, global shapes, chunks and tensor values (one
 .distcp file per rank).
 
-Import this module only after Megatron-Core is imported (see `convert.memory.import_megatron_without_compile`).
+Import this module only after Megatron-Core is imported (see `checkpoint.conversion.memory.import_megatron_without_compile`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
-from aapo_megatron.convert.memory import LiveTensorBytes
+from aapo_megatron.checkpoint.conversion.memory import LiveTensorBytes
 
 Produce = Callable[[str, int, int], torch.Tensor]
 """(local parameter name, first row, end row) -> those rows of the parameter's value, shape [end - first, ...]."""

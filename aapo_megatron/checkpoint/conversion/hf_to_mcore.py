@@ -25,8 +25,8 @@ from typing import Optional
 from aapo_megatron.checkpoint.errors import ConversionError
 from aapo_megatron.checkpoint.hf import HFCheckpointReader
 from aapo_megatron.checkpoint.mcore import write_checkpoint_metadata
-from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.outdir import atomic_output_dir
+from aapo_megatron.checkpoint.conversion.launch import run_workers
+from aapo_megatron.checkpoint.conversion.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -104,13 +104,13 @@ def validate_hf_checkpoint(reader: HFCheckpointReader) -> tuple[ArchSpec, list[s
 
 def _hf_to_mcore_worker(rank: int, world: int, hf_dir: str, out_dir: str, dtype: str, progress: bool) -> dict:
     """Worker `rank` of `world`: pipeline stage `rank`, saved collectively with each tensor built when it is written."""
-    from aapo_megatron.convert.memory import current_rss, import_megatron_without_compile
+    from aapo_megatron.checkpoint.conversion.memory import current_rss, import_megatron_without_compile
 
     import_megatron_without_compile()  # before anything else imports Megatron: ~70 MiB less per worker
     from tqdm import tqdm
 
     from aapo_megatron.config import ParallelConfig
-    from aapo_megatron.convert.lazy_save import save_mcore_checkpoint_lazy
+    from aapo_megatron.checkpoint.conversion.lazy_save import save_mcore_checkpoint_lazy
     from aapo_megatron.models.gpt import build_gpt_model, transformer_config
     from aapo_megatron.models.mapping import WeightMapping
     from aapo_megatron.distributed import init_distributed, seed_everything

@@ -31,9 +31,9 @@ from aapo_megatron.checkpoint.mcore import (
     read_checkpoint_metadata,
     validate_mcore_checkpoint,
 )
-from aapo_megatron.convert.hf_to_mcore import DTYPES, ConversionResult, choose_workers
-from aapo_megatron.convert.launch import run_workers
-from aapo_megatron.convert.outdir import atomic_output_dir
+from aapo_megatron.checkpoint.conversion.hf_to_mcore import DTYPES, ConversionResult, choose_workers
+from aapo_megatron.checkpoint.conversion.launch import run_workers
+from aapo_megatron.checkpoint.conversion.outdir import atomic_output_dir
 from aapo_megatron.models.arch import ArchSpec
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -61,7 +61,7 @@ def _mcore_to_hf_worker(rank: int, world: int, ckpt_dir: str, out_dir: str, hf_c
 
     from aapo_megatron.checkpoint.hf_writer import SafetensorsStreamWriter
     from aapo_megatron.checkpoint.mcore import CheckpointTensorReader
-    from aapo_megatron.convert.memory import LiveTensorBytes, current_rss
+    from aapo_megatron.checkpoint.conversion.memory import LiveTensorBytes, current_rss
     from aapo_megatron.models.mapping import WeightMapping
 
     spec = ArchSpec.from_hf_config(hf_config)

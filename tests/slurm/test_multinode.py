@@ -67,7 +67,7 @@ def _start_model(out: str, overrides: list[str]) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from aapo_megatron.config import load_config
+    from aapo_megatron.validation import load_config
     from aapo_megatron.data.tokenizer import tokenizer_for_config
     from aapo_megatron.models.arch import ArchSpec, to_hf_config
 

@@ -14,8 +14,15 @@
 # Five minutes before the time limit Slurm sends SIGUSR1 to the training ranks; the trainer saves a checkpoint
 # and exits 3, and this script requeues the job, which resumes from that checkpoint (--resume auto).
 #
-# Local CPU test of this very script (what tests/slurm runs):
+# The servers bind 0.0.0.0 behind a per-job bearer token; the trainer sends them the weights over the network
+# (rollout.weight_transport auto: nccl from GPUs, gloo from CPUs). AAPO_ROLLOUT_NODES=1 puts both servers on the
+# last node (half of it each).
+#
+# Local CPU tests of this very script (what tests/slurm/test_multinode.py runs):
 #   AAPO_CONFIG=configs/quickstart_cpu.yaml sbatch --nodes=1 --ntasks=2 --gpus-per-node=0 slurm/aapo_70b.sh
+#   AAPO_CONFIG=configs/quickstart_cpu.yaml AAPO_ROLLOUT_PLACEMENT=server AAPO_ROLLOUT_NODES=1 \
+#       AAPO_ROLLOUT_MODEL=HF_DIR sbatch --nodes=2 --ntasks=4 --gpus-per-node=0 slurm/aapo_70b.sh \
+#       --set trainer.sft_steps=0 --set model.path=HF_DIR --set model.tokenizer=HF_DIR
 # Environment overrides (AAPO_CONFIG, AAPO_RUN_DIR, AAPO_CKPT_DIR, AAPO_EXTRA_ARGS, AAPO_VENV, AAPO_CONTAINER,
 # ...) are listed at the top of slurm/common.sh; arguments after the script name go to aapo-train.
 #

@@ -4,7 +4,8 @@
 # A job script sets its defaults (AAPO_CONFIG, AAPO_ROLLOUT_NODES) and calls `aapo_train_main "$@"`, which:
 #   1. activates the venv (or prepares the container wrapper) and cd's to the repository;
 #   2. resolves the config with the overrides (fails fast, naming the bad key, before any srun);
-#   3. optionally starts `aapo-rollout-server` (policy, reference) on the last AAPO_ROLLOUT_NODES nodes;
+#   3. optionally starts `aapo-rollout-server` (policy, reference) on the last AAPO_ROLLOUT_NODES nodes (the
+#      trainer starts while they load, and waits for them when it connects);
 #   4. srun's one `aapo-train` rank per GPU (per task on CPU) with `--resume auto`; distributed init reads
 #      Slurm's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) plus MASTER_ADDR/MASTER_PORT set here;
 #   5. forwards USR1/TERM that reach the batch shell to the trainer step, so `--signal=B:USR1@300` and
@@ -32,14 +33,16 @@
 #   AAPO_ROLLOUT_PLACEMENT  colocated | server: overrides the config's rollout.placement
 #   AAPO_ROLLOUT_NODES   with placement=server: 2 = the last two nodes of this job run aapo-rollout-server
 #                        (one for the policy engine, one for the frozen reference engine) and the trainer is
-#                        pointed at them; 0 = the servers run elsewhere, at the config's rollout.server_url and
-#                        rollout.reference_server_url
+#                        pointed at them; 1 = both servers on the last node, each on half its GPUs (CPUs), the
+#                        reference on AAPO_ROLLOUT_PORT + 1; 0 = the servers run elsewhere, at the config's
+#                        rollout.server_url and rollout.reference_server_url
 #   AAPO_ROLLOUT_MODEL   HF directory the in-job servers load (default: model.path or model.tokenizer of the
 #                        config, whichever holds config.json + safetensors)
-#   AAPO_ROLLOUT_PORT    port of the in-job servers (default 8000)
+#   AAPO_ROLLOUT_PORT    port of the in-job servers (default 8000; one rollout node: the reference's is the next)
 #   AAPO_ROLLOUT_MEMORY_FRACTION  vLLM memory share on a server node (default 0.85)
 #   AAPO_ROLLOUT_SERVER_ARGS  extra aapo-rollout-server arguments (split on whitespace)
-#   AAPO_ROLLOUT_WAIT_S  seconds to wait for the in-job servers to answer /health (default 1800)
+#   AAPO_ROLLOUT_WAIT_S  seconds to wait for the in-job servers to answer /health (default 1800); the trainer
+#                        starts at the same time and waits as long for them when it connects
 #   AAPO_ROLLOUT_TOKEN   bearer token shared by the in-job servers and the trainer (default: random per job;
 #                        the variable is the config's rollout.token_env)
 #   AAPO_DRY_RUN         1: print the resolved layout and the srun commands instead of running them
@@ -53,6 +56,9 @@ AAPO_EXIT_STOPPED=3   # the trainer's "stopped by signal, checkpoint saved" exit
 # blocks SIGUSR1 for the whole process tree and hands it to the trainer's own Python handler through a
 # watcher thread. A signal that arrives before the handler exists is held until it does.
 AAPO_TASK_WRAPPER=(python3 "$AAPO_HOME/slurm/signal_shield.py")
+
+# shellcheck source=slurm/rollout_servers.sh
+source "$AAPO_HOME/slurm/rollout_servers.sh"
 
 aapo_log() { printf '[aapo %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 aapo_die() { aapo_log "error: $*"; exit 2; }
@@ -181,35 +187,6 @@ aapo_wait_trainer() {
     AAPO_TRAIN_RC=$rc
 }
 
-# Wait until http://$1/health answers 200, or die after $2 seconds (or when server srun $3 died).
-aapo_wait_health() {
-    local url=http://$1/health deadline=$((SECONDS + $2)) pid=$3
-    local python=${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/}python3
-    while ((SECONDS < deadline)); do
-        if "$python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$url" \
-            > /dev/null 2>&1; then
-            aapo_log "rollout server $1 is healthy"
-            return 0
-        fi
-        kill -0 "$pid" 2> /dev/null || aapo_die "rollout server for $1 exited before answering $url"
-        [ "${AAPO_STOP_REQUESTED:-0}" = 0 ] || return 0
-        sleep 5 &
-        wait $! 2> /dev/null || true
-    done
-    aapo_die "rollout server $1 did not answer $url within $2 s (AAPO_ROLLOUT_WAIT_S)"
-}
-
-aapo_stop_servers() {
-    local pid
-    for pid in "${AAPO_SERVER_PIDS[@]}"; do
-        kill -s TERM "$pid" 2> /dev/null || true
-    done
-    for pid in "${AAPO_SERVER_PIDS[@]}"; do
-        wait "$pid" 2> /dev/null || true
-    done
-    AAPO_SERVER_PIDS=()
-}
-
 # The whole job: layout, optional rollout servers, the trainer step, requeue. Arguments go to the trainer.
 aapo_train_main() {
     # Signals first: an unhandled USR1 would kill the batch shell (and with it the job).
@@ -243,9 +220,19 @@ aapo_train_main() {
     gpn=$(aapo_gpus_per_node)
     local ntasks=${SLURM_NTASKS:-1}
 
+    # In-job servers (if the placement turns out to be server) are at addresses known now: the config is
+    # checked with them, as the trainer will run with them.
+    local -a server_sets=()
+    if [ "${AAPO_ROLLOUT_NODES:-0}" -gt 0 ] && [ "${AAPO_ROLLOUT_NODES:-0}" -lt "$nnodes" ]; then
+        aapo_server_addrs "${hosts[@]:nnodes-AAPO_ROLLOUT_NODES}"
+        server_sets=(--set "rollout.server_url=http://${AAPO_POLICY_ADDR}"
+            --set "rollout.reference_server_url=http://${AAPO_REFERENCE_ADDR}")
+    fi
+
     local -A cfg=()
     local key value resolved
-    resolved=$(aapo_resolve_config "${args[@]}") || aapo_die "the configuration is invalid (see above)"
+    resolved=$(aapo_resolve_config "${args[@]}" "${server_sets[@]}") ||
+        aapo_die "the configuration is invalid (see above)"
     while IFS='=' read -r key value; do
         [ -n "$key" ] && cfg[$key]=$value
     done <<< "$resolved"
@@ -302,13 +289,12 @@ aapo_train_main() {
         [ -n "$hf_model" ] || aapo_die "the in-job rollout servers need the starting model's HF weights:" \
             "set AAPO_ROLLOUT_MODEL (neither model.path nor model.tokenizer of $config holds config.json +" \
             "safetensors)"
-        AAPO_SERVER_ARGS=(--model "$hf_model" --host 0.0.0.0 --port "${AAPO_ROLLOUT_PORT:-8000}"
-            --tensor-parallel-size "$((gpn > 0 ? gpn : 1))" --dtype "${cfg[rollout_dtype]}"
-            --max-model-len "${cfg[max_model_len]}" --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}"
+        AAPO_SERVER_ARGS=(--model "$hf_model" --host 0.0.0.0)
+        AAPO_SERVER_ENGINE_ARGS=(--dtype "${cfg[rollout_dtype]}" --max-model-len "${cfg[max_model_len]}"
+            --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}"
             --memory-fraction "${AAPO_ROLLOUT_MEMORY_FRACTION:-0.85}")
         aapo_start_servers "${cfg[token_env]}" "${rollout_hosts[@]}"
-        args+=(--set "rollout.server_url=http://${AAPO_POLICY_ADDR}"
-            --set "rollout.reference_server_url=http://${AAPO_REFERENCE_ADDR}")
+        args+=("${server_sets[@]}")
     fi
 
     # ---- the trainer step
@@ -333,6 +319,7 @@ aapo_train_main() {
         aapo_run_bg "${srun_cmd[@]}"
         [ "${AAPO_DRY_RUN:-0}" = 1 ] && return 0
         AAPO_TRAIN_PID=$AAPO_LAST_PID
+        ((rollout_nodes == 0)) || aapo_wait_servers
         aapo_wait_trainer
         rc=$AAPO_TRAIN_RC
     fi
@@ -366,39 +353,6 @@ aapo_requeue() {
         aapo_log "requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes from the latest checkpoint"
         # Slurm ends this batch shell as part of the requeue; nothing after this line is guaranteed to run.
         scontrol requeue "$SLURM_JOB_ID" || aapo_log "scontrol requeue $SLURM_JOB_ID failed; resubmit to resume"
-    fi
-}
-
-# Start aapo-rollout-server for the policy on the first of the two given hosts and for the reference on the
-# second, with the arguments in array AAPO_SERVER_ARGS (all but --role) and a bearer token shared through the
-# environment variable named $1. Sets AAPO_POLICY_ADDR / AAPO_REFERENCE_ADDR (host:port) and waits until both
-# answer /health.
-aapo_start_servers() {
-    local token_env=$1
-    shift
-    local -a hosts=("$@") server_extra
-    ((${#hosts[@]} == 2)) ||
-        aapo_die "in-job rollout servers need AAPO_ROLLOUT_NODES=2 (policy + reference), got ${#hosts[@]}"
-    if [ -z "${!token_env:-}" ]; then
-        printf -v "$token_env" '%s' "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-    fi
-    export "${token_env?}"
-    aapo_split server_extra "${AAPO_ROLLOUT_SERVER_ARGS:-}"
-    local port=${AAPO_ROLLOUT_PORT:-8000} gpn role host
-    gpn=$(aapo_gpus_per_node)
-    for role in policy reference; do
-        if [ "$role" = policy ]; then host=${hosts[0]}; else host=${hosts[1]}; fi
-        aapo_run_bg srun --nodes=1 --ntasks=1 --nodelist="$host" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
-            --gpus-per-node="$gpn" --kill-on-bad-exit=1 --label --unbuffered \
-            "${AAPO_CT_SRUN[@]}" "${AAPO_CT_PREFIX[@]}" "${AAPO_TASK_WRAPPER[@]}" \
-            aapo-rollout-server --role "$role" "${AAPO_SERVER_ARGS[@]}" "${server_extra[@]}"
-        [ -z "$AAPO_LAST_PID" ] || AAPO_SERVER_PIDS+=("$AAPO_LAST_PID")
-    done
-    AAPO_POLICY_ADDR=${hosts[0]}:$port
-    AAPO_REFERENCE_ADDR=${hosts[1]}:$port
-    if [ "${AAPO_DRY_RUN:-0}" != 1 ]; then
-        aapo_wait_health "$AAPO_POLICY_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[0]}"
-        aapo_wait_health "$AAPO_REFERENCE_ADDR" "${AAPO_ROLLOUT_WAIT_S:-1800}" "${AAPO_SERVER_PIDS[1]}"
     fi
 }
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +22,10 @@ from aapo_megatron.rollout.engine import (
     SamplingSpec,
     check_prompts,
 )
+from aapo_megatron.distributed import current_platform
+from aapo_megatron.rollout.transport.http_session import HttpSyncClient, ServerSession, local_address_toward
+from aapo_megatron.rollout.transport.registry import KEY as TRANSPORT_KEY
+from aapo_megatron.rollout.transport.registry import is_loopback_url, load_transport, resolve_transport
 from aapo_megatron.rollout.weight_sync import FileSink, SyncStats, stream_via_files
 
 
@@ -35,13 +39,19 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
+class ServerUnreachable(RolloutError):
+    """No connection to the rollout server (not running, or still starting)."""
+
+
 class RemoteRolloutEngine(RolloutEngine):
-    """Client of one rollout server; weight updates stream bucket files through `shm_dir`, a directory inside
-    the server's --weight-dir (the server reads nothing else)."""
+    """Client of one rollout server. Weight updates go by `rollout.weight_transport`, resolved against the
+    server's URL: `shm` streams bucket files through `shm_dir` (a directory inside the server's --weight-dir;
+    loopback servers only), `gloo`/`nccl` broadcast the buckets to the server's workers over a group this
+    process opens (rank 0, at its address toward the server), through the server's update session."""
 
     def __init__(self, url: str, token: Optional[str] = None, token_env: str = "AAPO_ROLLOUT_TOKEN",
                  timeout_s: float = 600.0, weight_sync_bucket_mb: float = 512, weight_sync_timeout_s: float = 600.0,
-                 shm_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None):
+                 shm_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None, weight_transport: str = "auto"):
         """token=None reads it from $token_env (may stay None for an unauthenticated generate-only server)."""
         self.url = url.rstrip("/")
         self.token = token if token is not None else (os.environ.get(token_env) or None)
@@ -50,10 +60,16 @@ class RemoteRolloutEngine(RolloutEngine):
         self.sync_timeout_s = float(weight_sync_timeout_s)
         self.shm_dir = shm_dir
         self.dtype = dtype
+        self.weight_transport = weight_transport
+        """The requested transport (`transport.CHOICES`); `transport` is what it resolved to."""
+        self.transport: Optional[str] = None
         self.weight_dir: Optional[str] = None  # the server's --weight-dir (from /version, on the first update)
+        self.transfer_workers = 0
         self.heartbeat_interval_s = 5.0  # the server's, from /version
         self.takeover_timeout_s = 30.0
         self.last_sync: Optional[SyncStats] = None
+        self._broadcast: Any = None  # gloo/nccl: the BroadcastTransport and its HttpSyncClient, made on first use
+        self._sync_client: Optional[HttpSyncClient] = None
 
     # ------------------------------------------------------------------ HTTP
 
@@ -78,7 +94,7 @@ class RemoteRolloutEngine(RolloutEngine):
                     pass
             raise RolloutError(f"rollout server {self.url}{path}: HTTP {exc.code}: {message}") from None
         except urllib.error.URLError as exc:
-            raise RolloutError(f"rollout server {self.url}{path} unreachable: {exc.reason}") from None
+            raise ServerUnreachable(f"rollout server {self.url}{path} unreachable: {exc.reason}") from None
         except OSError as exc:  # e.g. a read timeout
             raise RolloutError(f"rollout server {self.url}{path}: {type(exc).__name__}: {exc}") from None
 
@@ -101,62 +117,108 @@ class RemoteRolloutEngine(RolloutEngine):
         """The server's /health answer."""
         return self.request("GET", "/health")
 
+    def use_server_info(self, info: dict[str, Any]) -> None:
+        """Take the server's /version answer: its session timings, weight directory, dtype and transports; resolves
+        `transport` (RolloutError naming rollout.weight_transport when it cannot reach this server)."""
+        self.weight_dir = info.get("weight_dir")
+        self.transfer_workers = int(info.get("transfer_workers") or 0)
+        self.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or self.heartbeat_interval_s)
+        self.takeover_timeout_s = float(info.get("takeover_timeout_s") or self.takeover_timeout_s)
+        if info.get("dtype") in ENGINE_DTYPES and self.dtype is None:
+            self.dtype = ENGINE_DTYPES[info["dtype"]]
+        try:
+            name = resolve_transport(self.weight_transport, placement="server", cuda=current_platform().cuda,
+                                     same_host=is_loopback_url(self.url))
+        except ValueError as exc:
+            raise RolloutError(f"{exc} (server {self.url})") from None
+        offered = info.get("weight_transports", ["shm"] if self.weight_dir else [])
+        if info.get("role") == "policy" and name not in offered:
+            raise RolloutError(f"'{TRANSPORT_KEY}': {name} cannot reach the rollout server {self.url}: it takes "
+                               f"{offered or 'no weight updates'}")
+        self.transport = name
+
     def update_weights(self, named_tensors: NamedTensors, version: Optional[int] = None) -> int:
-        """Stream HF-named tensors to the server in bucket files (heartbeats meanwhile); returns the new version."""
-        if self.weight_dir is None:
-            info = self.request("GET", "/version")
-            self.weight_dir = info.get("weight_dir")
-            self.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or self.heartbeat_interval_s)
-            self.takeover_timeout_s = float(info.get("takeover_timeout_s") or self.takeover_timeout_s)
+        """Send HF-named tensors to the server by the resolved transport; returns the new version."""
+        if self.transport is None:
+            self.use_server_info(self.request("GET", "/version"))
+        if self.transport == "shm":
+            return self._update_by_files(named_tensors, version)
+        if self._broadcast is None:
+            session = ServerSession(self._post_update, self.heartbeat_interval_s, self.takeover_timeout_s)
+            self._sync_client = HttpSyncClient(session, self.transport, self.transfer_workers)
+            self._broadcast = load_transport(self.transport)(
+                self._sync_client, num_workers=self.transfer_workers, master_address=local_address_toward(self.url))
+        self._sync_client.version = version
+        self.last_sync = self._broadcast.sync(named_tensors, bucket_bytes=self.bucket_bytes,
+                                              timeout_s=self.sync_timeout_s, dtype=self.dtype)
+        return int(self._sync_client.result["weight_version"])
+
+    def _post_update(self, body: dict) -> dict[str, Any]:
+        return self.request("POST", "/update_weights", body, auth=True)
+
+    def _update_by_files(self, named_tensors: NamedTensors, version: Optional[int]) -> int:
+        """`shm`: stream bucket files into the server's weight directory, one session (heartbeats meanwhile)."""
         if not self.weight_dir:
             raise RolloutError(f"rollout server {self.url} accepts no weight updates (its /version names no weight_dir)")
         root = os.path.realpath(self.weight_dir)
-        session: dict[str, Any] = {}
+        session = ServerSession(self._post_update, self.heartbeat_interval_s, self.takeover_timeout_s)
         result: dict[str, Any] = {}
-        stop = threading.Event()
-
-        def call(body: dict) -> dict[str, Any]:
-            return self.request("POST", "/update_weights", body, auth=True)
-
-        def heartbeat() -> None:
-            while not stop.wait(self.heartbeat_interval_s):
-                try:
-                    call({"action": "heartbeat", "session": session["id"]})
-                except RolloutError:
-                    return  # the next stage reports the session's fate
-
-        def begin() -> None:  # a session of a dead trainer is taken over once silent for takeover_timeout_s
-            deadline = time.monotonic() + self.takeover_timeout_s + 2 * self.heartbeat_interval_s
-            while True:
-                try:
-                    session["id"] = call({"action": "begin"})["session"]
-                    break
-                except RolloutError as exc:
-                    if "HTTP 409" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(self.heartbeat_interval_s)
-            threading.Thread(target=heartbeat, name="aapo-update-heartbeat", daemon=True).start()
 
         def load(path: str) -> None:
             real = os.path.realpath(path)
             if os.path.commonpath([real, root]) != root:
                 raise RolloutError(f"weight bucket {path} is outside the rollout server's weight directory {root}: "
                                    f"set rollout.server_weight_dir to a directory inside it")
-            call({"action": "load", "session": session["id"], "file": os.path.relpath(real, root)})
+            session.call("load", file=os.path.relpath(real, root))
 
         def finish() -> None:
-            result.update(call({"action": "commit", "session": session["id"], "version": version}))
-
-        def abort() -> None:
-            call({"action": "abort", "session": session["id"]})
+            result.update(session.call("commit", version=version))
 
         try:
-            self.last_sync = stream_via_files(FileSink(begin, load, finish, abort), named_tensors,
+            self.last_sync = stream_via_files(FileSink(lambda: session.begin(), load, finish,
+                                                       lambda: session.call("abort")), named_tensors,
                                               bucket_bytes=self.bucket_bytes, timeout_s=self.sync_timeout_s,
                                               dtype=self.dtype, shm_dir=self.shm_dir or self.weight_dir)
         finally:
-            stop.set()
+            session.close()
         return int(result["weight_version"])
+
+    def close(self) -> None:
+        """Leave the weight-transfer group (if one was opened)."""
+        broadcast, self._broadcast = self._broadcast, None
+        if broadcast is not None:
+            broadcast.close()
+
+
+WAIT_ENV = "AAPO_ROLLOUT_WAIT_S"
+"""Seconds the trainer waits for a rollout server that does not accept connections yet (the Slurm launcher sets
+it when it starts the servers with the trainer); unset or 0: no wait."""
+
+
+def server_wait_s() -> float:
+    """$AAPO_ROLLOUT_WAIT_S as seconds (0 when unset); RolloutError names the variable when it is not a number."""
+    text = os.environ.get(WAIT_ENV, "").strip()
+    try:
+        value = float(text) if text else 0.0
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise RolloutError(f"${WAIT_ENV} must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _server_info(client: RemoteRolloutEngine, wait_s: float) -> dict[str, Any]:
+    """GET /version, retried every second while the server is unreachable, for up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.request("GET", "/version")
+        except ServerUnreachable as exc:
+            if time.monotonic() >= deadline:
+                if wait_s > 0:
+                    raise ServerUnreachable(f"{exc} (waited {wait_s:.0f} s, ${WAIT_ENV})") from None
+                raise
+            time.sleep(1.0)
 
 
 def connect_servers(rollout_cfg: Any, *, reference: bool,
@@ -165,9 +227,12 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
 
     Each server must answer, serve the expected role (policy at `server_url`, reference at
     `reference_server_url`) and, when `vocab_size` is given, a model with that vocabulary. The policy client
-    needs the bearer token (`$<rollout.token_env>`) for weight updates. Weight syncs stream in the served dtype
-    through `rollout.server_weight_dir`, which the servers must be able to read. RolloutError names what is wrong.
+    needs the bearer token (`$<rollout.token_env>`) for weight updates. Weight syncs stream in the served dtype by
+    `rollout.weight_transport` (auto: shm through `rollout.server_weight_dir` for a loopback server, gloo for one on
+    another CPU host, nccl from GPU trainers), which the policy server must take. RolloutError names what is wrong.
     """
+    wait_s = server_wait_s()
+
     def connect(url: Optional[str], role: str, setting: str) -> RemoteRolloutEngine:
         if not url:
             raise RolloutError(f"rollout.placement=server needs {setting}: the URL of an aapo-rollout-server "
@@ -175,8 +240,9 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         client = RemoteRolloutEngine(url, token_env=rollout_cfg.token_env, timeout_s=rollout_cfg.server_timeout_s,
                                      weight_sync_bucket_mb=rollout_cfg.weight_sync_bucket_mb,
                                      weight_sync_timeout_s=rollout_cfg.weight_sync_timeout_s,
-                                     shm_dir=rollout_cfg.server_weight_dir)
-        info = client.request("GET", "/version")
+                                     shm_dir=rollout_cfg.server_weight_dir,
+                                     weight_transport=getattr(rollout_cfg, "weight_transport", "auto"))
+        info = _server_info(client, wait_s)
         if info.get("role") != role:
             raise RolloutError(f"{setting}={url} serves the {info.get('role')!r} role, not {role!r}: start that "
                                f"server with --role {role}")
@@ -184,11 +250,7 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         if vocab_size is not None and served_vocab is not None and int(served_vocab) != int(vocab_size):
             raise RolloutError(f"{setting}={url} serves {info.get('model')!r} with a vocabulary of {served_vocab} "
                                f"tokens; the trained model has {vocab_size}")
-        client.weight_dir = info.get("weight_dir")
-        client.heartbeat_interval_s = float(info.get("heartbeat_interval_s") or client.heartbeat_interval_s)
-        client.takeover_timeout_s = float(info.get("takeover_timeout_s") or client.takeover_timeout_s)
-        if info.get("dtype") in ENGINE_DTYPES:
-            client.dtype = ENGINE_DTYPES[info["dtype"]]
+        client.use_server_info(info)
         return client
 
     policy = connect(rollout_cfg.server_url, "policy", "rollout.server_url")
@@ -196,4 +258,6 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         raise RolloutError(f"the policy rollout server needs a bearer token for weight updates: set "
                            f"${rollout_cfg.token_env} to the token the server was started with")
     ref = connect(rollout_cfg.reference_server_url, "reference", "rollout.reference_server_url") if reference else None
+    logging.getLogger(__name__).info("policy server %s: weights by %s (rollout.weight_transport: %s)", policy.url,
+                                     policy.transport, getattr(rollout_cfg, "weight_transport", "auto"))
     return policy, ref

@@ -4,7 +4,8 @@
     AAPO_ROLLOUT_TOKEN=secret aapo-rollout-server --model /ckpt/hf --role reference --port 8101
 
 The app is the one `vllm serve` builds (its `/v1/completions` etc. included), with our worker extension in
-the engine, our routes (`server_routes.py`: /health, /version, /generate, /update_weights) in place of its
+the engine, a policy engine's weight-transfer engine (`gloo` on CPU, vLLM's `nccl` on GPU: weights from a
+trainer on another host, `server_transfer.py`; bucket files in --weight-dir serve a trainer on this host), our routes (`server_routes.py`: /health, /version, /generate, /update_weights) in place of its
 /health and /version, and `RequestGuard` in front of everything: a bearer token on every route but /health,
 a request-body size and read-time bound. Idle connections are closed after --keep-alive-timeout-s. When the
 engine process dies, /health and /generate answer 503 and the server exits 1 (`server_liveness.py`).
@@ -101,12 +102,16 @@ def vllm_args(args: argparse.Namespace, hf_config: dict) -> argparse.Namespace:
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from aapo_megatron.rollout.server_transfer import transfer_backend
     from aapo_megatron.rollout.vllm_engine import cpu_scheduler_kwargs, resolve_dtype
 
     argv = ["--model", args.model, "--dtype", resolve_dtype(args.dtype), "--skip-tokenizer-init",
             "--host", args.host, "--port", str(args.port), "--seed", str(args.seed),
             "--tensor-parallel-size", str(args.tensor_parallel_size), "--worker-extension-cls", WORKER_EXTENSION,
             "--served-model-name", os.path.basename(os.path.normpath(args.model)), "--disable-uvicorn-access-log"]
+    if args.role == "policy":  # the network weight transport's engine side (server_transfer.py)
+        backend = transfer_backend(current_platform().cuda)
+        argv += ["--weight-transfer-config", json.dumps({"backend": backend})]
     if args.kv_cache_mb is not None:
         argv += ["--kv-cache-memory-bytes", str(int(args.kv_cache_mb * 2**20))]
     else:
@@ -133,7 +138,8 @@ async def serve(args: argparse.Namespace, token: Optional[str], hf_config: dict)
     from aapo_megatron.rollout.server_guard import IdleClosingH11Protocol, RequestGuard
     from aapo_megatron.rollout.server_liveness import EngineWatch
     from aapo_megatron.rollout.server_routes import Limits, RolloutState, install
-    from aapo_megatron.rollout.update_session import SessionTable, checkpoint_tensor_names
+    from aapo_megatron.rollout.server_transfer import num_transfer_workers, transfer_backend
+    from aapo_megatron.rollout.update_session import SessionTable, required_tensor_names
     from aapo_megatron.rollout.weight_sync import default_shm_dir
 
     vargs = vllm_args(args, hf_config)
@@ -147,12 +153,14 @@ async def serve(args: argparse.Namespace, token: Optional[str], hf_config: dict)
                         max_tokens=args.max_tokens or context, max_prompt_tokens=args.max_prompt_tokens or context - 1)
         sessions = None
         if args.role == "policy":
-            sessions = SessionTable(args.weight_dir or default_shm_dir(), checkpoint_tensor_names(args.model),
+            sessions = SessionTable(args.weight_dir or default_shm_dir(), required_tensor_names(args.model),
                                     args.takeover_timeout_s)
         state = RolloutState(role=args.role, model=os.path.basename(os.path.normpath(args.model)),
                              dtype=vargs.dtype, vocab_size=hf_config.get("vocab_size"), limits=limits,
                              sessions=sessions, heartbeat_interval_s=args.heartbeat_interval_s,
-                             rpc_timeout_s=args.weight_sync_timeout_s)
+                             rpc_timeout_s=args.weight_sync_timeout_s,
+                             transports=("shm", transfer_backend(current_platform().cuda)),
+                             transfer_workers=num_transfer_workers(engine_client))
         install(app, state)
         watch = app.state.engine_watch = EngineWatch(args.role, args.dead_engine_exit_s)
         app.middleware_stack = None  # vLLM's bootstrap built it already; Starlette rebuilds it on the first call

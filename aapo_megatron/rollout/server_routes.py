@@ -1,8 +1,10 @@
 """The rollout server's own routes on vLLM's app: /health, /version, /generate, /update_weights.
 
-Generation goes through vLLM's async engine client (`app.state.engine_client`); a weight update is staged
-by `SessionTable` and applied at commit through our worker extension, while no generate runs (`VersionGate`):
-each generate runs wholly on one weight version and reports it.
+Generation goes through vLLM's async engine client (`app.state.engine_client`). A weight update is one
+`SessionTable` session: its buckets are files staged by the table (`shm`, same host) or tensors the engine's
+weight-transfer engine receives and stages (`gloo`/`nccl`, `server_transfer`); either way they are applied at
+commit, only when complete, while no generate runs (`VersionGate`): each generate runs wholly on one weight
+version and reports it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Optional
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from aapo_megatron.rollout import server_transfer
 from aapo_megatron.rollout.engine import SamplingSpec, check_prompts
 from aapo_megatron.rollout.update_session import SessionError, SessionTable, describe_missing
 
@@ -71,7 +74,8 @@ class RolloutState:
     """Per-server state kept on `app.state.aapo`: role, served model, weight version, sessions, limits."""
 
     def __init__(self, *, role: str, model: str, dtype: str, vocab_size: Optional[int], limits: Limits,
-                 sessions: Optional[SessionTable], heartbeat_interval_s: float, rpc_timeout_s: float):
+                 sessions: Optional[SessionTable], heartbeat_interval_s: float, rpc_timeout_s: float,
+                 transports: tuple[str, ...] = ("shm",), transfer_workers: int = 0):
         self.role = role
         self.model = model
         self.dtype = dtype
@@ -80,6 +84,10 @@ class RolloutState:
         self.sessions = sessions
         self.heartbeat_interval_s = float(heartbeat_interval_s)
         self.rpc_timeout_s = float(rpc_timeout_s)
+        self.transports = tuple(transports)
+        """Weight transports this server takes: "shm" (bucket files in --weight-dir) and its engine's backend."""
+        self.transfer_workers = int(transfer_workers)
+        """Engine workers in a broadcast transport's group (besides the trainer's rank)."""
         self.version = 0
         self.broken: Optional[str] = None
         self.gate = VersionGate()
@@ -202,7 +210,9 @@ async def version(request: Request) -> JSONResponse:
                          "vocab_size": st.vocab_size, "version": vllm_version,
                          "weight_dir": st.sessions.weight_dir if st.sessions else None,
                          "heartbeat_interval_s": st.heartbeat_interval_s,
-                         "takeover_timeout_s": st.sessions.takeover_timeout_s if st.sessions else None})
+                         "takeover_timeout_s": st.sessions.takeover_timeout_s if st.sessions else None,
+                         "weight_transports": list(st.transports) if st.sessions else [],
+                         "transfer_workers": st.transfer_workers})
 
 
 @router.post("/generate")
@@ -236,31 +246,35 @@ async def generate(request: Request) -> JSONResponse:
                          "num_tokens": sum(len(c["token_ids"]) for g in groups for c in g)})
 
 
+UPDATE_FIELDS = {"begin": {"transport"}, "load": {"session", "file"}, "heartbeat": {"session"},
+                 "init": {"session", "master_address", "master_port", "world_size", "rank_offset"},
+                 "update": {"session", "names", "dtype_names", "shapes"},
+                 "commit": {"session", "version"}, "abort": {"session"}}
+"""The fields each /update_weights action takes (besides 'action')."""
+
+
 @router.post("/update_weights")
 async def update_weights(request: Request) -> JSONResponse:
-    """A step of an update session: begin, load {file}, heartbeat, commit {version}, abort."""
+    """A step of an update session: begin {transport}, then per bucket load {file} (shm) or init + update
+    (gloo/nccl: `server_transfer`), heartbeat, commit {version}, abort."""
     st: RolloutState = request.app.state.aapo
     if st.sessions is None:
         return error(403, "this server serves the frozen reference role; it accepts no weight updates")
     try:
         body = await json_body(request)
         action = body.get("action")
-        allowed = {"begin": set(), "load": {"session", "file"}, "heartbeat": {"session"},
-                   "commit": {"session", "version"}, "abort": {"session"}}
-        if action not in allowed:
-            raise BadRequest(f"field 'action' must be one of {sorted(allowed)}, got {action!r}")
-        unknown = sorted(set(body) - allowed[action] - {"action"})
+        if action not in UPDATE_FIELDS:
+            raise BadRequest(f"field 'action' must be one of {sorted(UPDATE_FIELDS)}, got {action!r}")
+        unknown = sorted(set(body) - UPDATE_FIELDS[action] - {"action"})
         if unknown:
             raise BadRequest(f"update_weights {action}: unknown field(s) {unknown}; allowed: "
-                             f"{sorted(allowed[action])}")
+                             f"{sorted(UPDATE_FIELDS[action])}")
+        engine = request.app.state.engine_client
+        if action == "begin":
+            return await _begin(engine, st, body.get("transport", "shm"))
+        if action in ("init", "update"):
+            return await _transfer(engine, st, action, body)
         async with st.session_lock:
-            if action == "begin":
-                sid, taken = st.sessions.begin()
-                if taken:
-                    log.warning("weight update session %s was silent for over %.0f s: taken over by %s",
-                                taken, st.sessions.takeover_timeout_s, sid)
-                return JSONResponse({"session": sid, "took_over": taken,
-                                     "heartbeat_interval_s": st.heartbeat_interval_s})
             if action == "load":
                 return JSONResponse({"tensors": st.sessions.stage(body.get("session"), body.get("file"))})
             session = st.sessions.get(body.get("session"))
@@ -268,6 +282,8 @@ async def update_weights(request: Request) -> JSONResponse:
                 return JSONResponse({"session": session.id})
             if action == "abort":
                 st.sessions.drop()
+                if session.transport in server_transfer.BROADCAST:
+                    await server_transfer.abort(engine, st.rpc_timeout_s)
                 return JSONResponse({"aborted": True})
             new = body.get("version")
             if new is not None and (isinstance(new, bool) or not isinstance(new, int)):
@@ -277,21 +293,70 @@ async def update_weights(request: Request) -> JSONResponse:
                 st.sessions.drop()
                 raise SessionError(400, f"weight version must increase: current {st.version}, got {new}; "
                                         f"session aborted, version {st.version} still served")
-            missing = st.sessions.missing(session)
-            if missing:
-                st.sessions.drop()
-                raise SessionError(400, f"{describe_missing(missing, len(st.sessions.expected))}: update "
-                                        f"rejected, version {st.version} still served")
             try:
-                await _apply(request.app.state.engine_client, st, session.files)
+                if session.transport in server_transfer.BROADCAST:
+                    await server_transfer.commit(engine, st)
+                else:
+                    missing = st.sessions.missing(session)
+                    if missing:
+                        raise SessionError(400, f"{describe_missing(missing, len(st.sessions.expected))}: update "
+                                                f"rejected, version {st.version} still served")
+                    await _apply(engine, st, session.files)
             finally:
                 st.sessions.drop()
             st.version = new
             return JSONResponse({"weight_version": new})
-    except BadRequest as exc:
+    except (BadRequest, server_transfer.BadTransfer) as exc:
         return error(400, str(exc))
     except SessionError as exc:
         return error(exc.status, exc.message)
+
+
+async def _begin(engine: Any, st: RolloutState, transport: object) -> JSONResponse:
+    """Open a session moving its weights by `transport` (one this server takes)."""
+    if transport not in st.transports:
+        raise BadRequest(f"update_weights begin: 'transport' must be one of {list(st.transports)} (this server's), "
+                         f"got {transport!r}")
+    async with st.session_lock:
+        sid, taken = st.sessions.begin(str(transport))
+    if taken:
+        log.warning("weight update session %s was silent for over %.0f s: taken over by %s",
+                    taken, st.sessions.takeover_timeout_s, sid)
+    if transport in server_transfer.BROADCAST:
+        try:
+            await server_transfer.begin(engine, st.rpc_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            async with st.session_lock:
+                st.sessions.drop()
+            raise SessionError(500, f"starting the engine's weight update failed: {type(exc).__name__}: {exc}") from None
+    return JSONResponse({"session": sid, "took_over": taken, "heartbeat_interval_s": st.heartbeat_interval_s,
+                         "transfer_workers": st.transfer_workers})
+
+
+async def _transfer(engine: Any, st: RolloutState, action: str, body: dict[str, Any]) -> JSONResponse:
+    """init (join the trainer's group) or update (receive one bucket) of a broadcast session. The session lock
+    is not held while the engine receives: heartbeats go on meanwhile."""
+    async with st.session_lock:
+        session = st.sessions.get(body.get("session"))
+    if session.transport not in server_transfer.BROADCAST:
+        raise BadRequest(f"update_weights {action}: session {session.id} moves its weights by bucket files "
+                         f"('load'); '{action}' is for a {'/'.join(server_transfer.BROADCAST)} session")
+    try:
+        if action == "init":
+            await server_transfer.init(engine, server_transfer.check_init(body, st.transfer_workers))
+            return JSONResponse({"joined": True})
+        info = server_transfer.check_update(body)
+        await server_transfer.update(engine, info)
+    except server_transfer.BadTransfer:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken group or a dead trainer: the session is over
+        async with st.session_lock:
+            if st.sessions.session is session:
+                st.sessions.drop()
+        raise SessionError(500, f"update_weights {action} failed: {type(exc).__name__}: {exc}; session aborted, "
+                                f"version {st.version} still served") from None
+    session.names.update(info["names"])
+    return JSONResponse({"tensors": len(info["names"])})
 
 
 async def _apply(engine: Any, st: RolloutState, files: list[str]) -> None:

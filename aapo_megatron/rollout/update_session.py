@@ -1,4 +1,5 @@
-"""Weight-update sessions of the rollout server's same-host file transport: confined, staged, complete.
+"""Weight-update sessions of the rollout server: one at a time, heartbeats, takeover; and the same-host file
+transport's staging, confined and complete (the network transport's data plane is `server_transfer.py`).
 
 The trainer writes safetensors bucket files under the server's weight directory (`--weight-dir`) and names
 each by its path relative to that directory; nothing outside it is read (no `..`, no absolute paths, no
@@ -47,6 +48,19 @@ def checkpoint_tensor_names(model_dir: str) -> set[str]:
     return names
 
 
+def required_tensor_names(model_dir: str) -> set[str]:
+    """The tensors a full weight update must deliver: the checkpoint's, less a tied `lm_head.weight` (the
+    trainer never sends it; vLLM ties it). Empty when `model_dir` is not a local HF directory (no check)."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return set()
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        tied = bool(json.load(fh).get("tie_word_embeddings", False))
+    names = checkpoint_tensor_names(model_dir)
+    if tied:
+        names.discard("lm_head.weight")
+    return names
+
+
 def confined_file(root: str, relative: str) -> str:
     """The real path of regular file `relative` inside directory `root`; SessionError(400) for anything else."""
     if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\x00" in relative:
@@ -76,14 +90,17 @@ class UpdateSession:
     """One trainer's update in progress: staged bucket files and the tensor names they hold."""
 
     id: str
-    staging: str
+    staging: Optional[str]
     last_seen: float
+    transport: str = "shm"
+    """"shm" (bucket files staged here) or a broadcast transport (buckets staged in the engine)."""
     files: list[str] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
 
     def close(self) -> None:
         """Remove the staged files."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 class SessionTable:
@@ -95,7 +112,7 @@ class SessionTable:
         self.takeover_timeout_s = float(takeover_timeout_s)
         self.session: Optional[UpdateSession] = None
 
-    def begin(self) -> tuple[str, Optional[str]]:
+    def begin(self, transport: str = "shm") -> tuple[str, Optional[str]]:
         """Open a session; returns (id, id of a silent session taken over or None). 409 while one is alive."""
         taken = None
         now = time.monotonic()
@@ -106,8 +123,8 @@ class SessionTable:
                                         f"ago; a session silent for {self.takeover_timeout_s:g} s is taken over)")
             taken = self.session.id
             self.drop()
-        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.weight_dir)
-        self.session = UpdateSession(id=secrets.token_hex(8), staging=staging, last_seen=now)
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.weight_dir) if transport == "shm" else None
+        self.session = UpdateSession(id=secrets.token_hex(8), staging=staging, last_seen=now, transport=transport)
         return self.session.id, taken
 
     def get(self, session_id: object) -> UpdateSession:
@@ -121,6 +138,9 @@ class SessionTable:
     def stage(self, session_id: object, relative: object) -> int:
         """Stage one bucket file named relative to the weight directory; returns its tensor count."""
         s = self.get(session_id)
+        if s.staging is None:
+            raise SessionError(400, f"session {s.id} moves its weights by {s.transport}: 'load' (a bucket file) is "
+                                    f"refused")
         src = confined_file(self.weight_dir, relative)  # type: ignore[arg-type]
         dst = os.path.join(s.staging, f"{len(s.files):05d}.safetensors")
         try:

@@ -157,6 +157,17 @@ class WeightSyncExtension:
                 fn()
         return result
 
+    def aapo_abort_weight_update(self) -> None:
+        """End a weight-transfer-engine update without loading it (its staging is dropped); vLLM's worker stays
+        "in an update" after a finish that raised, and this lets the next start_weight_update begin."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        if engine is not None:
+            discard = getattr(engine, "discard", None)
+            if callable(discard):
+                discard()
+            engine.reset_weight_update_target()
+        self._weight_update_active = False
+
     def aapo_weight_checksum(self) -> float:
         """Sum of |w| over all parameters (a cheap fingerprint for tests), float64."""
         total = 0.0

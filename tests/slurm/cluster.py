@@ -145,7 +145,7 @@ class LocalSlurmCluster:
         lines = [
             "# written by tests/slurm/cluster.py: a private one-node test cluster",
             "ClusterName=aapotest",
-            f"SlurmctldHost={self.hostname}(127.0.0.1)",
+            f"SlurmctldHost={self.hostname}({self.controller_address()})",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",
@@ -166,18 +166,28 @@ class LocalSlurmCluster:
             "KillWait=30",
             "SlurmdTimeout=300",
             f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool",
             f"SlurmctldPidFile={self.pid_files['slurmctld']}",
-            f"SlurmdPidFile={self.pid_files['slurmd']}",
             f"SlurmctldLogFile={self.log_files['slurmctld']}",
-            f"SlurmdLogFile={self.log_files['slurmd']}",
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.jobcomp_path}",
+            *self.node_conf_lines(),
+        ]
+        return "\n".join(lines) + "\n"
+
+    def controller_address(self) -> str:
+        """The address slurmctld is reached at (SlurmctldHost's)."""
+        return "127.0.0.1"
+
+    def node_conf_lines(self) -> list[str]:
+        """slurm.conf lines of the slurmd side: its files, the node(s) and the partition."""
+        return [
+            f"SlurmdSpoolDir={self.root}/spool",
+            f"SlurmdPidFile={self.pid_files['slurmd']}",
+            f"SlurmdLogFile={self.log_files['slurmd']}",
             f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
             f"PartitionName={self.partition} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP "
             "OverSubscribe=NO",
         ]
-        return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -203,12 +213,16 @@ class LocalSlurmCluster:
                                     f"--log-file={self.log_files['munged']}",
                                     f"--seed-file={os.path.join(r, 'munge', 'munged.seed')}"])
             self._daemon("slurmctld", [which("slurmctld"), "-i"])  # -i: ignore (absent) saved state
-            self._daemon("slurmd", [which("slurmd")])
+            self.start_nodes()
             self._wait_idle(timeout)
         except BaseException:
             self.stop(check=False)
             raise
         return self
+
+    def start_nodes(self) -> None:
+        """Start the slurmd(s)."""
+        self._daemon("slurmd", [which("slurmd")])
 
     def _daemon(self, name: str, argv: list) -> None:
         """Run a self-daemonizing `argv` and wait for its pid file; raise with its log on failure."""
@@ -229,7 +243,7 @@ class LocalSlurmCluster:
         while time.monotonic() < deadline:
             proc = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
             state = proc.stdout.strip()
-            if proc.returncode == 0 and state == "idle":
+            if proc.returncode == 0 and state and set(state.split()) == {"idle"}:
                 return
             time.sleep(0.5)
         raise RuntimeError(f"node {self.hostname} not idle after {timeout:.0f} s (sinfo: {state!r})\n"

@@ -4,7 +4,7 @@
 behaviour quickly and independently of the trainer: srun starts one rank per task, the ranks rendezvous through
 the project's init_distributed from Slurm's environment, arguments and overrides arrive, a signal that reaches
 only the batch shell is passed on, exit code 3 requeues the job (and only when allowed). The end-to-end runs
-with the real trainer are in test_aapo_70b.py.
+with the real trainer are in test_multinode.py.
 """
 
 from __future__ import annotations

@@ -99,6 +99,24 @@ def test_70b_layout_four_training_nodes_and_two_rollout_servers():
         "python3", os.path.join(REPO, "slurm", "signal_shield.py")]
 
 
+def test_70b_layout_with_both_servers_on_one_rollout_node():
+    """AAPO_ROLLOUT_NODES=1: the policy and the reference share the last node, half its GPUs and CPUs each."""
+    env = dict(GPU_6_NODES, SLURM_JOB_NODELIST="gpu1,gpu2,gpu3,gpu4,gpu5", SLURM_NTASKS="40")
+    lines = _srun_lines(_dry_run("aapo_70b.sh", env, AAPO_ROLLOUT_NODES="1",
+                                 AAPO_ROLLOUT_MODEL="/ckpt/hf/Llama-3.1-70B-Instruct"))
+    policy, reference, trainer = lines
+    for argv, role, port in ((policy, "policy", "8000"), (reference, "reference", "8001")):
+        assert _opt(argv, "nodelist") == "gpu5" and _opt(argv, "gpus-per-node") == "4"
+        assert _opt(argv, "cpus-per-task") == "48"
+        server = argv[argv.index("aapo-rollout-server") + 1:]
+        assert server[:8] == ["--role", role, "--model", "/ckpt/hf/Llama-3.1-70B-Instruct", "--host", "0.0.0.0",
+                              "--port", port]
+        assert server[8:10] == ["--tensor-parallel-size", "4"]
+    assert _opt(trainer, "nodes") == "4" and _opt(trainer, "nodelist") == "gpu1,gpu2,gpu3,gpu4"
+    assert {"rollout.server_url=http://gpu5:8000", "rollout.reference_server_url=http://gpu5:8001"} <= set(
+        _sets(_trainer_args(trainer)))
+
+
 def test_70b_colocated_and_env_overrides():
     env = dict(GPU_6_NODES, SLURM_JOB_NODELIST="gpu1,gpu2,gpu3,gpu4", SLURM_NTASKS="32")
     proc = _dry_run("aapo_70b.sh", env, AAPO_ROLLOUT_PLACEMENT="colocated", AAPO_RUN_DIR="/scratch/run",

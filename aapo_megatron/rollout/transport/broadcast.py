@@ -4,7 +4,9 @@ The two share every line here; each subclass names only its vLLM weight-transfer
 group, and how a tensor goes onto the wire. The engine side is a vLLM weight-transfer engine (vLLM's own `nccl`,
 our `gloo` twin), driven through vLLM's protocol: `init_weight_transfer_engine` once, then per sync
 `start_weight_update`, `update_weights` per bucket (run on a side thread: the workers block in the receiving
-broadcasts while this rank sends), `finish_weight_update`.
+broadcasts while this rank sends), `finish_weight_update` (our gloo engine refuses an incomplete update there),
+and after a failure `abort_weight_update` where the client has one. The client is `LLMClient` in-process, or
+`http_session.HttpSyncClient` for a rollout server (its update session, over HTTP).
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class BroadcastTransport(WeightTransport):
         sink = BucketSink(begin=self.client.start_weight_update,
                           write=lambda bucket, k: [(n, self.to_wire(t)) for n, t in bucket],
                           load=lambda bucket: self._send(side, bucket),
-                          finish=self.client.finish_weight_update, abort=self.client.finish_weight_update)
+                          finish=self.client.finish_weight_update,
+                          abort=getattr(self.client, "abort_weight_update", self.client.finish_weight_update))
         try:
             return stream_buckets(sink, named_tensors, transport=self.name, bucket_bytes=bucket_bytes,
                                   timeout_s=timeout_s, dtype=dtype, on_begin=on_begin)

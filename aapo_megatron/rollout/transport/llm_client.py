@@ -33,6 +33,10 @@ class LLMClient:
         """Close the session (finalizes layerwise reload)."""
         self.llm.finish_weight_update(weight_version)
 
+    def abort_weight_update(self) -> None:
+        """End a failed session without loading it (our worker extension; vLLM's protocol has no abort)."""
+        self.llm.collective_rpc("aapo_abort_weight_update")
+
     def shutdown_weight_transfer_engine(self) -> None:
         """The workers leave the transfer group."""
         self.llm.shutdown_weight_transfer_engine()

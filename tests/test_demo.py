@@ -20,7 +20,8 @@ NOISE = ("RotaryEmbedding: Failed to load weights", "sleep mode is not supported
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """HF dir: a random 2-layer Llama (fp32) with a sentencepiece tokenizer trained on the demo's task text."""
+    """HF dir: a random 2-layer Llama (fp32; head_dim 32, as vLLM-CPU attention needs) with a sentencepiece tokenizer
+    trained on the demo's task text."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,9 +34,9 @@ def tiny_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_model")
     tok_dir, out = str(root / "tokenizer"), str(root / "model")
     texts = [r["question"] for r in rows] + [f"{data.system_prompt} \\boxed{{{r['answer']}}}" for r in rows]
-    train_sentencepiece_tokenizer(texts, tok_dir, vocab_size=256)
+    train_sentencepiece_tokenizer(texts, tok_dir, vocab_size=320)
     tok = load_tokenizer(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)

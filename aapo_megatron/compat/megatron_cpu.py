@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from aapo_megatron.compat.float16_checkpoint import install_float16_checkpoint_shim
 from aapo_megatron.errors import AapoError
 
 logger = logging.getLogger(__name__)
@@ -373,9 +374,11 @@ def install_cpu_shims(force: bool = False) -> bool:
     # constructor only, CPU float tensors report their torch.cuda type name. The rest of its path is CPU-safe:
     # `_scale_one` goes through the torch proxy, bf16 copies main->model with a plain loop (no multi-tensor
     # kernel), and there is no grad scaler for bf16 without a loss scale. (DistributedOptimizer has the same
-    # check and more; it stays GPU-only.)
+    # check and more; it stays GPU-only.) Its sharded_state_dict numbers the optimizer state wrongly when the
+    # model also has fp32 params (the local spec's norms), so checkpoints failed; it is replaced too.
     _wrap_method("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__",
                  cpu_tensors_report_cuda_type)
+    install_float16_checkpoint_shim()
 
     _INSTALLED = True
     logger.info("installed Megatron-Core CPU shims (no CUDA device)")

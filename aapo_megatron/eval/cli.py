@@ -156,7 +156,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         kv_bytes = None if cfg.model.kv_cache_mb is None else cfg.model.kv_cache_mb << 20
         with source.hf_dir(progress=progress) as hf_dir:
             log.info("starting vLLM on %s (%s)", hf_dir, source.kind)
-            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
             engine = VLLMRolloutEngine(hf_dir, role="reference", dtype=cfg.model.dtype,
                                        memory_fraction=cfg.model.memory_fraction, max_model_len=max_len,
                                        kv_cache_bytes=kv_bytes,

@@ -2,11 +2,15 @@
 
     pass_at_k(n=16, c=3, k=4)                    # one item: 1 - C(13, 4) / C(16, 4)
     benchmark_metrics(correct, rewards, ks=[1, 4])  # correct[i][j]: sample j of item i was correct
+    wilson_interval(41, 200)                     # 95% interval of a proportion: (0.155, 0.267)
 
 pass@k is the estimator of Chen et al. 2021 (Codex): with n samples of which c are correct,
 1 - C(n-c, k) / C(n, k), averaged over items. It is computed as a product of ratios,
 1 - prod_{i=n-c+1..n} (1 - k/i), which never forms the (huge) binomials. avg@k is the mean
 correctness over all n samples of every item (for n = 1, greedy, it equals pass@1).
+The Wilson score interval (Wilson 1927) of k successes in n trials has centre (k + z^2/2) / (n + z^2)
+and half-width z sqrt(k (n - k) / n + z^2 / 4) / (n + z^2); unlike the normal approximation it stays
+inside [0, 1] and is not empty at k = 0 or k = n.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0  # every k-subset holds a correct sample
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval (low, high) of a proportion, successes of trials; z = 1.96 gives 95%."""
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"wilson_interval needs trials >= 1 and 0 <= successes <= trials, got {successes}/{trials}")
+    z2 = z * z
+    centre = (successes + z2 / 2) / (trials + z2)
+    half = z * math.sqrt(successes * (trials - successes) / trials + z2 / 4) / (trials + z2)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def default_ks(n: int) -> list[int]:

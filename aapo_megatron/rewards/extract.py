@@ -12,7 +12,10 @@ _NUMBER = re.compile(r"(?:(?<![\w)])-)?(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last balanced \\boxed{...} (or \\fbox{...}) in `text`, or None. Linear in len(text)."""
+    """Content of the last balanced, non-empty \\boxed{...} (or \\fbox{...}) in `text`, or None. Linear in len(text).
+
+    An empty box is no answer: an instruct model that echoes the prompt's "\\boxed{}" has marked nothing.
+    """
     starts = [m.end() - 1 for m in _BOXED.finditer(text)]  # positions of the opening braces
     if not starts:
         return None
@@ -24,16 +27,18 @@ def last_boxed(text: str) -> Optional[str]:
             stack.append(pos)
         elif ch == "}" and stack:
             closing[stack.pop()] = pos
-    for start in reversed(starts):  # an unbalanced (truncated) last box falls back to an earlier one
-        if start in closing:
-            return text[start + 1 : closing[start]].strip()
+    for start in reversed(starts):  # an unbalanced (truncated) or empty last box falls back to an earlier one
+        content = text[start + 1 : closing[start]].strip() if start in closing else ""
+        if content:
+            return content
     return None
 
 
 def last_tagged(text: str, tag: str) -> Optional[str]:
-    """Content of the last <tag>...</tag> in `text`, stripped, or None."""
-    matches = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)
-    return matches[-1].strip() if matches else None
+    """Content of the last non-empty <tag>...</tag> in `text`, stripped, or None."""
+    matches = [m.strip() for m in re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)]
+    matches = [m for m in matches if m]
+    return matches[-1] if matches else None
 
 
 def last_number(text: str) -> Optional[str]:

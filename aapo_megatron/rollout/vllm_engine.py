@@ -35,6 +35,7 @@ from aapo_megatron.rollout.scratch_dirs import owned_tempdir
 from aapo_megatron.rollout.sleep import EngineSleep
 from aapo_megatron.rollout.transport.base import SyncStats, WeightSyncError, WeightTransport
 from aapo_megatron.rollout.transport.registry import load_transport, resolve_transport
+from aapo_megatron.rollout.vllm_quiet import engine_quiet_env, quiet_vllm_logger
 
 WORKER_EXTENSION = "aapo_megatron.rollout.worker_extension.WeightSyncExtension"
 
@@ -147,6 +148,8 @@ class VLLMRolloutEngine(RolloutEngine):
         self._transport: Optional[WeightTransport] = None  # made on the first sync
         self.sleep_state = EngineSleep(role)
 
+        quiet = engine_quiet_env()  # vLLM's per-step and start-up warnings off (rollout/vllm_quiet.py)
+        quiet_vllm_logger()  # before the import: it logs, and its loggers reach the root logger here
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -157,6 +160,7 @@ class VLLMRolloutEngine(RolloutEngine):
             seed=seed,
             enforce_eager=not cuda,
             worker_extension_cls=WORKER_EXTENSION,
+            use_tqdm_on_load=False,
         )
         if not cuda:
             kwargs.update(cpu_scheduler_kwargs(max_model_len, hf_config))
@@ -178,7 +182,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # Their ZMQ socket files go to a directory of this engine's, removed by close().
         self._ipc_dir = None if "VLLM_RPC_BASE_PATH" in os.environ else owned_tempdir("aapo-vllm-ipc-")
         try:
-            with _scoped_env(VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind, VLLM_RPC_BASE_PATH=self._ipc_dir):
+            with _scoped_env(VLLM_CPU_OMP_THREADS_BIND=cpu_threads_bind, VLLM_RPC_BASE_PATH=self._ipc_dir, **quiet):
                 self.llm = LLM(**kwargs)
         except BaseException:
             self._remove_ipc_dir()

@@ -21,6 +21,10 @@ it to stop, which leaks a shared-memory segment until the client exits. Closing 
 those child processes the heap is frozen at exit (`gc.freeze`, the last exit handler to run), so the final
 collection has nothing to scan; the OS frees the memory. Closing took 1.4-1.5 s, with no kill
 (`benchmarks/bench_rollout.py` prints both). AAPO_VLLM_QUICK_EXIT=0 turns this off.
+With the heap frozen, nanobind extensions (triton's, which vLLM imports) find their objects still alive when
+they are torn down, and each process printed a page of "nanobind: leaked ..." about memory the OS frees anyway.
+So once the heap is frozen, the process's stderr goes to /dev/null: all that is left to print then is the
+interpreter's own teardown.
 
 `VLLM_PLUGINS` can exclude this plugin.
 """
@@ -31,6 +35,7 @@ import atexit
 import gc
 import multiprocessing
 import os
+import sys
 
 SPIN_ENV = "AAPO_VLLM_IDLE_SPIN_S"
 DEFAULT_IDLE_SPIN_S = 0.002
@@ -84,8 +89,21 @@ def freeze_heap_at_exit() -> bool:
     heap when the interpreter exits so its final garbage collection skips it; returns whether it applies."""
     if multiprocessing.parent_process() is None:
         return False
-    atexit.register(gc.freeze)  # registered at plugin load: it runs after the handlers vLLM registers later
+    atexit.register(_freeze_heap)  # registered at plugin load: it runs after the handlers vLLM registers later
     return True
+
+
+def _freeze_heap() -> None:
+    """The last exit handler: freeze the heap, then mute the teardown (nanobind's leak report of frozen objects)."""
+    gc.freeze()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced streams: nothing left to flush
+            pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def register() -> None:

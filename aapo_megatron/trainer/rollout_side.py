@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 from typing import Any, Callable, Optional, TypeVar
 
@@ -102,7 +101,6 @@ class RolloutSide:
         if sampler_state:
             self.sampler.load_state_dict(sampler_state)
         self.reward_pool = RewardPool(cfg.reward)
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's per-request INFO lines drown the progress
         needs_reference = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.name).uses_reference
         self.policy_engine, self.reference_engine = self._open_engines(needs_reference)
         if cfg.algorithm.reference_rollouts == "cached":

@@ -1,11 +1,11 @@
-"""pass@k / avg@k against hand-computed values and the binomial formula."""
+"""pass@k / avg@k against hand-computed values and the binomial formula; the Wilson interval against published values."""
 
 import math
 from fractions import Fraction
 
 import pytest
 
-from aapo_megatron.eval.metrics import benchmark_metrics, default_ks, pass_at_k
+from aapo_megatron.eval.metrics import benchmark_metrics, default_ks, pass_at_k, wilson_interval
 
 
 def _exact(n, c, k):
@@ -74,3 +74,17 @@ def test_default_ks():
     assert default_ks(1) == [1]
     assert default_ks(8) == [1, 2, 4, 8]
     assert default_ks(6) == [1, 2, 4, 6]
+
+
+def test_wilson_interval_matches_newcombe_1998_and_solves_the_score_equation():
+    # Newcombe, Statistics in Medicine 17:857 (1998), Table I, method 3 (Wilson score, no continuity correction)
+    for (k, n), (lo, hi) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605),
+                             (0, 20): (0.0, 0.1611), (1, 29): (0.0061, 0.1718)}.items():
+        assert wilson_interval(k, n) == pytest.approx((lo, hi), abs=5e-5)
+    # each end p solves |k/n - p| = z sqrt(p (1 - p) / n) (inside (0, 1))
+    z = 1.959963984540054
+    for k, n in ((3, 10), (41, 200), (99, 100)):
+        for p in wilson_interval(k, n):
+            assert abs(k / n - p) == pytest.approx(z * math.sqrt(p * (1 - p) / n), rel=1e-9)
+    with pytest.raises(ValueError, match="0 <= successes <= trials"):
+        wilson_interval(5, 4)

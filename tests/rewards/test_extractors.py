@@ -77,3 +77,16 @@ def test_reasoning_gym_reward_reads_the_final_number():
 def test_unknown_extractor_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"'reward\.answer_extractors' must be list\['boxed' \| 'tag' \| 'last_number'\]"):
         load_config(None, ["reward.answer_extractors=[boxed,final_number]"])
+
+
+def test_an_empty_box_or_tag_is_no_answer():
+    """SmolLM2 trained with AAPO on the demo learned to echo the prompt's "\\boxed{}" ("The result in \\boxed{}
+    is 11."): that earned the format reward and, read as an empty answer, hid the final number from accuracy."""
+    echo = "The result in \\boxed{} is 11."
+    ext = ["boxed", "last_number"]
+    assert completion_answer(echo, None, ext) == "11"  # falls through to the number
+    assert completion_answer("\\boxed{7} then \\boxed{ }", None, ["boxed"]) == "7"  # an earlier full box
+    assert completion_answer("<answer></answer> 5", None, ["tag", "last_number"]) == "5"
+    assert score("accuracy", echo, {"answer": "11"}, answer_extractors=ext) == 1.0
+    assert score("format", echo, {}, answer_extractors=ext, options={"format": {"style": "marked_answer"}}) == 0.0
+    assert score("format", "so \\boxed{11}", {}, answer_extractors=ext, options={"format": {"style": "marked_answer"}}) == 1.0

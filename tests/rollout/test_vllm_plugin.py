@@ -100,3 +100,36 @@ def test_quick_exit_skips_the_final_collection_in_child_processes(tmp_path, quic
     proc.join(120)
     assert proc.exitcode == 0
     assert os.path.exists(mark) is (not quick_exit)
+
+
+_TEARDOWN_CHILD = """
+import atexit, gc, multiprocessing, sys
+
+def child(plugin):
+    from aapo_megatron.rollout.vllm_plugin import freeze_heap_at_exit
+    if plugin:
+        assert freeze_heap_at_exit()
+    else:
+        atexit.register(gc.freeze)  # the heap frozen without muting the teardown
+    from triton.backends import backends  # a nanobind extension, imported by vLLM in its processes
+    atexit.register(lambda: print("last words", file=sys.stderr, flush=True))  # runs before the plugin's handler
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=child, args=(sys.argv[1] == "1",))
+    p.start()
+    p.join(120)
+    sys.exit(p.exitcode)
+"""
+
+
+@pytest.mark.parametrize("plugin", [False, True])
+def test_quick_exit_drops_nanobind_leak_report_not_earlier_output(tmp_path, plugin):
+    """A frozen heap makes triton's nanobind extension print a page of "leaked" objects at teardown; the
+    plugin's exit handler mutes that teardown only: what exit handlers printed before it still shows."""
+    script = tmp_path / "child.py"
+    script.write_text(_TEARDOWN_CHILD)
+    out = subprocess.run([sys.executable, str(script), "1" if plugin else "0"], capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "last words" in out.stderr
+    assert ("nanobind: leaked" in out.stderr) is (not plugin), out.stderr[-2000:]

@@ -291,7 +291,7 @@ aapo_train_main() {
             "safetensors)"
         AAPO_SERVER_ARGS=(--model "$hf_model" --host 0.0.0.0)
         AAPO_SERVER_ENGINE_ARGS=(--dtype "${cfg[rollout_dtype]}" --max-model-len "${cfg[max_model_len]}"
-            --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}"
+            --seed "${cfg[rollout_seed]}" --token-env "${cfg[token_env]}" --logprobs-mode "${cfg[logprobs_mode]}"
             --memory-fraction "${AAPO_ROLLOUT_MEMORY_FRACTION:-0.85}")
         aapo_start_servers "${cfg[token_env]}" "${rollout_hosts[@]}"
         args+=("${server_sets[@]}")

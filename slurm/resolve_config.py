@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.getcwd())
     import importlib.util
 
+    from aapo_megatron.algorithms.temperature import engine_logprobs_mode
     from aapo_megatron.config import ConfigError
     from aapo_megatron.validation import load_config
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_model_len": cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
         "rollout_seed": cfg.rollout.seed,
         "token_env": cfg.rollout.token_env,
+        "logprobs_mode": engine_logprobs_mode(cfg),  # the servers' log-probs are those the trainer compares with
     }
     for key, value in values.items():
         print(f"{key}={value}")

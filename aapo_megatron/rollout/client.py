@@ -221,13 +221,14 @@ def _server_info(client: RemoteRolloutEngine, wait_s: float) -> dict[str, Any]:
             time.sleep(1.0)
 
 
-def connect_servers(rollout_cfg: Any, *, reference: bool,
-                    vocab_size: Optional[int] = None) -> tuple[RemoteRolloutEngine, Optional[RemoteRolloutEngine]]:
+def connect_servers(rollout_cfg: Any, *, reference: bool, vocab_size: Optional[int] = None,
+                    logprobs_mode: Optional[str] = None) -> tuple[RemoteRolloutEngine, Optional[RemoteRolloutEngine]]:
     """Clients of a placement=server run's `aapo-rollout-server`s (a `RolloutConfig`), checked before any step.
 
     Each server must answer, serve the expected role (policy at `server_url`, reference at
     `reference_server_url`) and, when `vocab_size` is given, a model with that vocabulary. The policy client
-    needs the bearer token (`$<rollout.token_env>`) for weight updates. Weight syncs stream in the served dtype by
+    needs the bearer token (`$<rollout.token_env>`) for weight updates. `logprobs_mode` (vLLM's, from
+    `algorithms.temperature.engine_logprobs_mode`) is what the policy server's log-probs must be. Weight syncs stream in the served dtype by
     `rollout.weight_transport` (auto: shm through `rollout.server_weight_dir` for a loopback server, gloo for one on
     another CPU host, nccl from GPU trainers), which the policy server must take. RolloutError names what is wrong.
     """
@@ -250,6 +251,11 @@ def connect_servers(rollout_cfg: Any, *, reference: bool,
         if vocab_size is not None and served_vocab is not None and int(served_vocab) != int(vocab_size):
             raise RolloutError(f"{setting}={url} serves {info.get('model')!r} with a vocabulary of {served_vocab} "
                                f"tokens; the trained model has {vocab_size}")
+        served_mode = info.get("logprobs_mode", "raw_logprobs")  # older servers: vLLM's default
+        if role == "policy" and logprobs_mode is not None and served_mode != logprobs_mode:
+            raise RolloutError(f"{setting}={url} returns {served_mode} but this run compares its log-probs with "
+                               f"{logprobs_mode} (algorithm.logprob_temperature): start that server with "
+                               f"--logprobs-mode {logprobs_mode}")
         client.use_server_info(info)
         return client
 

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion, tokens")
     g.add_argument("--tensor-parallel-size", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--logprobs-mode", choices=("processed_logprobs", "raw_logprobs"), default="processed_logprobs",
+                   help="log-probs returned with each token: processed = after temperature/top-k/top-p (what the "
+                        "trainer's algorithm.logprob_temperature=sampling, the default, compares with); raw = of the "
+                        "logits as they are (logprob_temperature=raw). The trainer checks it when it connects")
     g.add_argument("--weight-sync-timeout-s", type=float, default=600.0, help="per-call engine timeout, seconds")
     g.add_argument("--cpu-cores", default=None,
                    help="CPU hosts: cores for the engine's threads, as VLLM_CPU_OMP_THREADS_BIND (e.g. 0-3); default all "
@@ -108,7 +112,8 @@ def vllm_args(args: argparse.Namespace, hf_config: dict) -> argparse.Namespace:
     argv = ["--model", args.model, "--dtype", resolve_dtype(args.dtype), "--skip-tokenizer-init",
             "--host", args.host, "--port", str(args.port), "--seed", str(args.seed),
             "--tensor-parallel-size", str(args.tensor_parallel_size), "--worker-extension-cls", WORKER_EXTENSION,
-            "--served-model-name", os.path.basename(os.path.normpath(args.model)), "--disable-uvicorn-access-log"]
+            "--served-model-name", os.path.basename(os.path.normpath(args.model)), "--disable-uvicorn-access-log",
+            "--logprobs-mode", args.logprobs_mode]
     if args.role == "policy":  # the network weight transport's engine side (server_transfer.py)
         backend = transfer_backend(current_platform().cuda)
         argv += ["--weight-transfer-config", json.dumps({"backend": backend})]
@@ -160,7 +165,7 @@ async def serve(args: argparse.Namespace, token: Optional[str], hf_config: dict)
                              sessions=sessions, heartbeat_interval_s=args.heartbeat_interval_s,
                              rpc_timeout_s=args.weight_sync_timeout_s,
                              transports=("shm", transfer_backend(current_platform().cuda)),
-                             transfer_workers=num_transfer_workers(engine_client))
+                             transfer_workers=num_transfer_workers(engine_client), logprobs_mode=args.logprobs_mode)
         install(app, state)
         watch = app.state.engine_watch = EngineWatch(args.role, args.dead_engine_exit_s)
         app.middleware_stack = None  # vLLM's bootstrap built it already; Starlette rebuilds it on the first call

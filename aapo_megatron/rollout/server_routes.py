@@ -75,7 +75,8 @@ class RolloutState:
 
     def __init__(self, *, role: str, model: str, dtype: str, vocab_size: Optional[int], limits: Limits,
                  sessions: Optional[SessionTable], heartbeat_interval_s: float, rpc_timeout_s: float,
-                 transports: tuple[str, ...] = ("shm",), transfer_workers: int = 0):
+                 transports: tuple[str, ...] = ("shm",), transfer_workers: int = 0,
+                 logprobs_mode: str = "processed_logprobs"):
         self.role = role
         self.model = model
         self.dtype = dtype
@@ -88,6 +89,8 @@ class RolloutState:
         """Weight transports this server takes: "shm" (bucket files in --weight-dir) and its engine's backend."""
         self.transfer_workers = int(transfer_workers)
         """Engine workers in a broadcast transport's group (besides the trainer's rank)."""
+        self.logprobs_mode = logprobs_mode
+        """vLLM's logprobs_mode of the engine (--logprobs-mode): which log-probs each generated token carries."""
         self.version = 0
         self.broken: Optional[str] = None
         self.gate = VersionGate()
@@ -212,7 +215,7 @@ async def version(request: Request) -> JSONResponse:
                          "heartbeat_interval_s": st.heartbeat_interval_s,
                          "takeover_timeout_s": st.sessions.takeover_timeout_s if st.sessions else None,
                          "weight_transports": list(st.transports) if st.sessions else [],
-                         "transfer_workers": st.transfer_workers})
+                         "transfer_workers": st.transfer_workers, "logprobs_mode": st.logprobs_mode})
 
 
 @router.post("/generate")

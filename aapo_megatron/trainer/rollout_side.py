@@ -121,7 +121,8 @@ class RolloutSide:
             # (validation.check_server_with_sft).
             log.info("connecting to the rollout servers: policy %s%s", cfg.rollout.server_url,
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
-            return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size)
+            return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size,
+                                   logprobs_mode=engine_logprobs_mode(cfg))
         from aapo_megatron.rollout.colocated import open_engines  # vLLM, colocated runs only
 
         log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")

@@ -167,6 +167,25 @@ def test_client_is_a_rollout_engine_and_reports_versions(rollout_server, model_d
     assert [g[0].token_ids for g in c.generate(PROMPTS, GREEDY).completions] == greedy(models, "a")
 
 
+def test_server_log_probs_are_at_the_sampling_temperature(rollout_server, model_dirs):
+    """--logprobs-mode processed_logprobs (the server's default, the trainer's logprob_temperature=sampling): at
+    T=0.7 each token's log-prob is log_softmax(logits / T), not the raw logits' (vLLM's own default)."""
+    from tests.rollout.conftest import hf_token_logprobs
+    from tests.rollout.mismatch import logprob_mismatch, pad_logprobs
+
+    _, models = model_dirs
+    c = client(rollout_server)
+    c.update_weights(hf_named_tensors(models["b"]))
+    out = c.generate(PROMPTS, SamplingSpec(n=2, temperature=0.7, max_tokens=16, seed=3, logprobs=True))
+    pairs = [(p, s) for p, g in zip(PROMPTS, out.completions) for s in g]
+    served, mask = pad_logprobs([s.logprobs for _, s in pairs], 16)
+    at_t = pad_logprobs([hf_token_logprobs(models["b"], p, s.token_ids, 0.7).tolist() for p, s in pairs], 16)[0]
+    raw = pad_logprobs([hf_token_logprobs(models["b"], p, s.token_ids).tolist() for p, s in pairs], 16)[0]
+    m = logprob_mismatch(served, at_t, mask)
+    assert m.num_tokens > 0 and m.mean < 1e-4 and m.max < 1e-3, m
+    assert logprob_mismatch(served, raw, mask).mean > 0.01
+
+
 def test_partial_update_is_rejected_and_old_weights_stay_served(rollout_server, model_dirs):
     _, models = model_dirs
     c = client(rollout_server)
@@ -308,6 +327,11 @@ def test_connect_servers_checks_role_token_and_vocabulary(rollout_server, monkey
         connect_servers(wrong_role, reference=True)
     with pytest.raises(RolloutError, match=rf"with a vocabulary of {VOCAB} tokens; the trained model has {VOCAB + 1}"):
         connect_servers(cfg, reference=False, vocab_size=VOCAB + 1)
+    # The server's log-probs must be the kind the trainer compares with (algorithm.logprob_temperature).
+    assert connect_servers(cfg, reference=False, logprobs_mode="processed_logprobs")[0].url == policy.url
+    with pytest.raises(RolloutError, match=r"returns processed_logprobs but this run compares its log-probs with "
+                                           r"raw_logprobs .*start that server with --logprobs-mode raw_logprobs"):
+        connect_servers(cfg, reference=False, logprobs_mode="raw_logprobs")
     monkeypatch.delenv("AAPO_TEST_TOKEN")
     with pytest.raises(RolloutError, match=r"/version: HTTP 401: /version requires 'Authorization: Bearer <token>'"):
         connect_servers(cfg, reference=False)

@@ -84,7 +84,7 @@ def test_70b_layout_four_training_nodes_and_two_rollout_servers():
         assert argv[argv.index("aapo-rollout-server") + 1:] == [
             "--role", role, "--model", "/ckpt/hf/Llama-3.1-70B-Instruct", "--host", "0.0.0.0", "--port", "8000",
             "--tensor-parallel-size", "8", "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0",
-            "--token-env", "AAPO_ROLLOUT_TOKEN", "--memory-fraction", "0.85"]
+            "--token-env", "AAPO_ROLLOUT_TOKEN", "--logprobs-mode", "processed_logprobs", "--memory-fraction", "0.85"]
     # TP=8 x PP=4 = 32 ranks, one per GPU, 8 per node on the first four nodes.
     assert _opt(trainer, "nodes") == "4" and _opt(trainer, "ntasks") == "32"
     assert _opt(trainer, "ntasks-per-node") == "8" and _opt(trainer, "nodelist") == "gpu1,gpu2,gpu3,gpu4"

@@ -53,6 +53,15 @@ def check_algorithm(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def _check_backend(r: RolloutConfig) -> None:
+    from aapo_megatron.rollout.backends import check_backend
+
+    try:
+        check_backend(r.backend, r.placement)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_weight_transport(r: RolloutConfig) -> None:
     from aapo_megatron.rollout.transport.registry import CHOICES, check_transport, is_loopback_url
 
@@ -149,6 +158,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, registries: bool = T
     check(0 < r.memory_fraction < 1, "rollout.memory_fraction", "must be in (0, 1)", r.memory_fraction)
     if r.placement == "server" and not r.server_url:
         raise ConfigError("'rollout.server_url' is required when rollout.placement is 'server'")
+    _check_backend(r)
     _check_weight_transport(r)
     from aapo_megatron.rollout.layout import check_layout
 

@@ -129,6 +129,8 @@ class RolloutConfig:
     """vLLM gpu_memory_utilization. On CPU this is the share of RAM for the KV cache."""
     placement: Literal["colocated", "server"] = "colocated"
     """Engines inside the job (colocated) or reached over HTTP (`aapo-rollout-server`)."""
+    backend: str = "vllm"
+    """The engine that generates inside the job (placement=colocated): a backend registered in rollout/backends.py (vllm)."""
     server_url: Optional[str] = None
     """Base URL of the policy rollout server when placement=server."""
     reference_server_url: Optional[str] = None

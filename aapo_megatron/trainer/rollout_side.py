@@ -123,11 +123,13 @@ class RolloutSide:
                      f", reference {cfg.rollout.reference_server_url}" if reference else "")
             return connect_servers(cfg.rollout, reference=reference, vocab_size=self.vocab_size,
                                    logprobs_mode=engine_logprobs_mode(cfg))
-        from aapo_megatron.rollout.colocated import open_engines  # vLLM, colocated runs only
+        from aapo_megatron.rollout.backends import backend_opener  # the backend's engines, colocated runs only
 
-        log.info("starting vLLM engines from %s (policy%s)", self.hf_init, " + reference" if reference else "")
+        log.info("starting %s engines from %s (policy%s)", cfg.rollout.backend, self.hf_init,
+                 " + reference" if reference else "")
+        open_engines = backend_opener(cfg.rollout.backend)
         return open_engines(self.hf_init, cfg.rollout, reference=reference,
-                             max_prompt_tokens=cfg.data.max_prompt_tokens, logprobs_mode=engine_logprobs_mode(cfg))
+                            max_prompt_tokens=cfg.data.max_prompt_tokens, logprobs_mode=engine_logprobs_mode(cfg))
 
     def restart(self) -> None:
         """Collective: rank 0 closes both engines and opens them again (a failure here stops every rank)."""

@@ -12,7 +12,7 @@ reply from B, so it times delivery, not just the sender's writes. The sync's tim
 `update_weights` (HTTP session, broadcasts, the server's staging and its reload into vLLM).
 Target: median sync / median raw <= 1.5x.
 
-    sudo .venv/bin/python benchmarks/bench_sync_network.py [--repeats 5] [--layers 6] [--hidden 768]
+    .venv/bin/python benchmarks/bench_sync_network.py [--repeats 5] [--layers 6] [--hidden 768]
 
 Needs root (ip netns) and iproute2 + util-linux. Exit codes: 0 measured (whether or not the target is met), 1 a
 failure while running, 2 bad arguments or a machine that cannot run it, 130 interrupted. Everything it creates
@@ -235,7 +235,7 @@ def report(res: dict, args, n_params: int, load: str) -> None:
     print(f"\nmodel: Llama hidden {args.hidden}, {args.layers} layers, vocab 32000: {n_params:,} parameters; "
           f"{res['tensors']} tensors, {res['bytes']:,} bytes ({res['dtype']}); bucket {res['bucket_bytes'] / 2**20:g} "
           f"MiB ({res['buckets']} bucket(s)); {args.repeats} repeats after one warm-up, interleaved; load {load}")
-    print(f"\n| Arm (A -> B over veth, gloo) | median s | min-max s | GB/s |\n|---|---|---|---|")
+    print("\n| Arm (A -> B over veth, gloo) | median s | min-max s | GB/s |\n|---|---|---|---|")
     rows = (("weight sync (`RemoteRolloutEngine.update_weights`, gloo)", "sync"),
             ("raw gloo broadcast, sync's bucket size", "raw"),
             ("raw gloo broadcast, tensor by tensor (reference)", "raw_per_tensor"))

@@ -12,6 +12,7 @@
    max_new_tokens, its model shape, random weights) on rollout.data_parallel_size=2 (two engines, the cores
    split between them) vs 1 (one engine on every core), built by `colocated.open_engines` as the trainer does;
    best of --repeats each, and the two must return the same samples.
+The cross-host weight sync (gloo, between two network namespaces, vs a raw gloo broadcast) is bench_sync_network.py.
 
     .venv/bin/python benchmarks/bench_rollout.py                 # all three
     .venv/bin/python benchmarks/bench_rollout.py --skip-generate --sync-layers 12
